@@ -1,0 +1,588 @@
+"""
+SANA's linear diffusion transformer, its DC-AE autoencoder and its text encoder, in one file.
+
+Read it next to the SANA-1.5 paper (Sec. 2.2 and App. C) and the SANA-1.0 paper it builds on:
+- LinearDiT: 1x1 patch embedding -> N blocks of [ReLU linear self-attention, softmax cross-attention to the
+  text, Mix-FFN] modulated by one shared adaLN-single timestep projection -> a modulated final layer.
+  No positional embedding at <= 1024px: the 3x3 depthwise conv inside Mix-FFN carries position.
+- SANA-1.5 adds RMSNorm on queries and keys of both attentions (App. C, "QK Norm"): config.qk_norm.
+- DCAEDecoder / DCAEEncoder: the 32x deep-compression autoencoder (dc-ae-f32c32) that SANA works in.
+- TextEncoder: token states of a frozen transformers encoder (Gemma-2-2B-IT at real scale, with the official
+  "complex human instruction" prefix cut off again; a small encoder on the laptop).
+
+Checkpoints. `LinearDiT.from_pretrained(path)` reads three layouts and infers the config from each:
+our own (.safetensors whose metadata holds the config as JSON), the official SANA one (.pth with a
+"state_dict", or .safetensors, NVlabs key names) and the diffusers one (a folder with config.json and
+diffusion_pytorch_model*.safetensors). Our module names ARE the official key names, so the official layout
+loads as-is and the diffusers layout is renamed on the way in.
+
+Deviations from the official code, on purpose:
+- The official SanaMS truncates the timestep to an integer inside the model (timestep.long()); we keep it
+  continuous as diffusers does. The samplers pass integer timesteps at real scale, so outputs agree there.
+- Linear-attention eps: 1e-8 (official); diffusers uses 1e-15. Either is negligible next to sum_n k_n . q.
+- Cross-attention qk-norm eps: the official code uses 1e-6, diffusers 1e-5. We keep whichever the loaded
+  checkpoint's own code used (config.cross_norm_eps), so both load with exact numerics.
+"""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class DiTConfig:
+    in_channels: int = 32  # DC-AE latent channels (3 for a pixel-space laptop model)
+    patch_size: int = 1  # SANA uses 1: every latent pixel is a token
+    hidden_size: int = 2240
+    depth: int = 20
+    linear_head_dim: int = 32  # self-attention heads = hidden_size // 32
+    cross_heads: int = 20  # softmax cross-attention heads (head dim 112 for 1.6B/4.8B)
+    mlp_ratio: float = 2.5  # Mix-FFN hidden = int(2.5 * hidden_size)
+    caption_channels: int = 2304  # Gemma-2-2B hidden size
+    qk_norm: bool = False  # SANA-1.5: RMSNorm on q and k in both attentions (App. C)
+    cross_norm_eps: float = 1e-6  # official 1e-6, diffusers 1e-5 (see module docstring)
+    norm_eps: float = 1e-6  # the parameter-free LayerNorms before modulation
+    linear_attn_eps: float = 1e-8
+    grad_checkpointing: bool = False  # recompute each block in backward: memory for compute
+    text_encoder: str = "google/gemma-2-2b-it"  # which text states this model was trained on
+    text_max_length: int = 300
+
+    @property
+    def mlp_hidden(self):
+        return int(self.hidden_size * self.mlp_ratio)
+
+
+def config_from_dict(d):
+    """DiTConfig from a dict, rejecting unknown fields with a one-line error."""
+    known = {f.name for f in fields(DiTConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown DiTConfig field(s) {unknown}; known fields: {sorted(known)}")
+    return DiTConfig(**d)
+
+
+# -----------------------------------------------------------------------------
+# small functions
+
+
+def timestep_embedding(t, dim=256, max_period=10000):
+    """Sinusoidal embedding of timesteps on the 0..1000 scale, cos first (as SANA and diffusers)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, 128)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 256)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+def relu_linear_attention(q, k, v, eps):
+    """ReLU linear attention, out_i = sum_n v_n (k_n . q_i) / (sum_n k_n . q_i + eps).
+
+    q, k (B, h, N, d), v (B, h, N, e) -> (B, h, N, e). Cost O(N d e) instead of O(N^2): the d x e matrix
+    sum_n k_n v_n^T is built once. fp32 island: the sums over N tokens overflow bf16/fp16 (App. C).
+    """
+    q, k, v = F.relu(q).float(), F.relu(k).float(), v.float()
+    kv = torch.einsum("bhnd,bhne->bhde", k, v)  # (B, h, d, e)
+    num = torch.einsum("bhnd,bhde->bhne", q, kv)  # (B, h, N, e)
+    den = torch.einsum("bhnd,bhd->bhn", q, k.sum(dim=2))  # (B, h, N): the "pad v with ones" row
+    return num / (den[..., None] + eps)
+
+
+class RMSNorm(nn.Module):
+    """weight * x / rms(x), computed in fp32 (fp32 island: mean of squares) and cast back."""
+
+    def __init__(self, dim, eps=1e-5, init=1.0):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * xf).to(x.dtype)
+
+
+# -----------------------------------------------------------------------------
+# embedders
+
+
+class PatchEmbed(nn.Module):
+    """p x p patches -> tokens, a strided conv; with p = 1 a per-pixel linear layer."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        p = cfg.patch_size
+        self.proj = nn.Conv2d(cfg.in_channels, cfg.hidden_size, kernel_size=p, stride=p, bias=True)
+
+    def forward(self, x):  # (B, C, H, W) -> (B, h*w, D), row-major tokens
+        return rearrange(self.proj(x), "b d h w -> b (h w) d")
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden_size, freq_dim=256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t):  # (B,) -> (B, D)
+        return self.mlp(timestep_embedding(t).to(self.mlp[0].weight.dtype))
+
+
+class Mlp(nn.Module):
+    def __init__(self, d_in, d_hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, d_hidden)
+        self.fc2 = nn.Linear(d_hidden, d_hidden)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class CaptionEmbedder(nn.Module):
+    """Text states (B, L, 2304) -> (B, L, D). Named as the official checkpoints (y_embedder.y_proj)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.y_proj = Mlp(cfg.caption_channels, cfg.hidden_size)
+
+    def forward(self, y):
+        return self.y_proj(y)
+
+
+# -----------------------------------------------------------------------------
+# the block
+
+
+class LinearSelfAttention(nn.Module):
+    """SANA's LiteLA: ReLU linear attention over image tokens, heads of 32 channels, no mask, no scale."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.hidden_size
+        self.heads, self.eps = D // cfg.linear_head_dim, cfg.linear_attn_eps
+        self.qkv = nn.Linear(D, 3 * D, bias=False)
+        self.proj = nn.Linear(D, D)
+        # qk-norm across all heads (one RMSNorm over D), eps 1e-5 in both official and diffusers code
+        self.q_norm = RMSNorm(D, eps=1e-5) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(D, eps=1e-5) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x):  # (B, N, D)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x (B, N, D)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (rearrange(z, "b n (h d) -> b h n d", h=self.heads) for z in (q, k, v))
+        out = relu_linear_attention(q, k, v, self.eps).to(x.dtype)  # (B, h, N, 32)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class CrossAttention(nn.Module):
+    """Softmax attention from image tokens (queries) to text tokens (keys/values), padding masked out."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.hidden_size
+        self.heads = cfg.cross_heads
+        self.q_linear = nn.Linear(D, D)
+        self.kv_linear = nn.Linear(D, 2 * D)  # first D channels are k, the next D are v
+        self.proj = nn.Linear(D, D)
+        self.q_norm = RMSNorm(D, eps=cfg.cross_norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(D, eps=cfg.cross_norm_eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x, y, bias):  # x (B, N, D), y (B, L, D), bias (B, 1, 1, L): 0 keep, -1e4 padding
+        k, v = self.kv_linear(y).chunk(2, dim=-1)  # 2 x (B, L, D)
+        q, k = self.q_norm(self.q_linear(x)), self.k_norm(k)
+        q, k, v = (rearrange(z, "b n (h d) -> b h n d", h=self.heads) for z in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (B, h, N, d)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class ConvLayer(nn.Module):
+    """A conv wrapped as `.conv` so parameter names match the official GLUMBConv (mlp.*_conv.conv.*)."""
+
+    def __init__(self, c_in, c_out, k, groups=1, bias=True):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, k, padding=k // 2, groups=groups, bias=bias)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class MixFFN(nn.Module):
+    """GLUMBConv: 1x1 expand to 2H + SiLU -> 3x3 depthwise -> split, a * SiLU(gate) -> 1x1 project to D.
+
+    The depthwise 3x3 conv mixes neighbouring tokens: it is why SANA needs no positional embedding.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, H = cfg.hidden_size, cfg.mlp_hidden
+        self.inverted_conv = ConvLayer(D, 2 * H, 1)
+        self.depth_conv = ConvLayer(2 * H, 2 * H, 3, groups=2 * H)
+        self.point_conv = ConvLayer(H, D, 1, bias=False)
+
+    def forward(self, x, hw):  # x (B, N, D), hw = (h, w) with N = h*w
+        x = rearrange(x, "b (h w) d -> b d h w", h=hw[0], w=hw[1])
+        a, gate = self.depth_conv(F.silu(self.inverted_conv(x))).chunk(2, dim=1)  # 2 x (B, H, h, w)
+        x = self.point_conv(a * F.silu(gate))  # (B, D, h, w)
+        return rearrange(x, "b d h w -> b (h w) d")
+
+
+class SanaBlock(nn.Module):
+    """x += gate * SelfAttn(mod(LN x)); x += CrossAttn(x, y) (no norm, no gate); x += gate * FFN(mod(LN x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.hidden_size
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=cfg.norm_eps)
+        self.attn = LinearSelfAttention(cfg)
+        self.cross_attn = CrossAttention(cfg)
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=cfg.norm_eps)
+        self.mlp = MixFFN(cfg)
+        self.scale_shift_table = nn.Parameter(torch.randn(6, D) / D**0.5)  # this block's adaLN-single offset
+
+    def forward(self, x, y, bias, t0, hw):  # x (B, N, D), t0 (B, 6D) from the shared t_block
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None] + t0.reshape(-1, 6, x.shape[-1])
+        ).chunk(6, dim=1)  # 6 x (B, 1, D)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + self.cross_attn(x, y, bias)
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), hw)
+        return x
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm, modulated by the timestep embedding t itself (not t_block's 6D output), then to patches."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, p = cfg.hidden_size, cfg.patch_size
+        self.norm_final = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(D, p * p * cfg.in_channels)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, D) / D**0.5)
+
+    def forward(self, x, t):  # x (B, N, D), t (B, D)
+        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)  # 2 x (B, 1, D)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class LinearDiT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        D = cfg.hidden_size
+        self.x_embedder = PatchEmbed(cfg)
+        self.t_embedder = TimestepEmbedder(D)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))  # adaLN-single: shared by all blocks
+        self.y_embedder = CaptionEmbedder(cfg)
+        self.attention_y_norm = RMSNorm(D, eps=1e-5, init=0.01)  # official y_norm, weight starts at 0.01
+        self.blocks = nn.ModuleList([SanaBlock(cfg) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(cfg)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """How every tensor starts, as the official SANA code does it (no adaLN-Zero: nothing is zeroed)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1],
+                    self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2):
+            nn.init.normal_(lin.weight, std=0.02)
+
+    def forward(self, x, t, y, y_mask):
+        """x (B, C, H, W) latents, t (B,) on 0..1000, y (B, L, caption_channels), y_mask (B, L) 1 = real token.
+        Returns the predicted velocity v = noise - x0, shape (B, C, H, W)."""
+        B, _, H, W = x.shape
+        p = self.config.patch_size
+        if H % p or W % p:
+            raise ValueError(f"latent size {H}x{W} is not divisible by patch_size {p}")
+        hw = (H // p, W // p)
+        x = self.x_embedder(x)  # (B, N, D)
+        t = self.t_embedder(t.to(x.device))  # (B, D)
+        t0 = self.t_block(t)  # (B, 6D)
+        y = self.attention_y_norm(self.y_embedder(y.to(x.dtype)))  # (B, L, D)
+        bias = (1 - y_mask.to(x.dtype))[:, None, None, :] * -10000.0  # (B, 1, 1, L) as official and diffusers
+        for block in self.blocks:
+            if self.config.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, y, bias, t0, hw, use_reentrant=False)
+            else:
+                x = block(x, y, bias, t0, hw)
+        x = self.final_layer(x, t)  # (B, N, p*p*C)
+        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=hw[0], p=p, q=p)
+
+    @classmethod
+    def from_pretrained(cls, path, config=None):
+        """Load our checkpoint, an official SANA checkpoint or a diffusers folder (see module docstring)."""
+        sd, cfg, meta = read_dit_checkpoint(path)
+        cfg = config or cfg
+        model = cls(cfg)
+        check_and_load(model, sd, f"LinearDiT ({path})")
+        model.meta = meta
+        return model
+
+
+# -----------------------------------------------------------------------------
+# presets: the official sizes and the laptop ones
+
+PRESETS = {
+    "sana-0.6b": DiTConfig(hidden_size=1152, depth=28, cross_heads=16),
+    "sana-1.6b": DiTConfig(hidden_size=2240, depth=20, cross_heads=20),
+    "sana1.5-1.6b": DiTConfig(hidden_size=2240, depth=20, cross_heads=20, qk_norm=True),
+    "sana1.5-4.8b": DiTConfig(hidden_size=2240, depth=60, cross_heads=20, qk_norm=True),
+    # laptop: pixel space (see README, "The shapes world"), MiniLM text states (384-d)
+    "shapes": DiTConfig(in_channels=3, patch_size=2, hidden_size=192, depth=8, cross_heads=6,
+                        caption_channels=384, qk_norm=True, text_encoder="minilm", text_max_length=16),
+}
+
+# -----------------------------------------------------------------------------
+# checkpoints: our format, the official layout, the diffusers layout
+
+
+def check_and_load(module, sd, what):
+    """Strict load with one readable line for the first key that does not fit."""
+    own = module.state_dict()
+    for k, v in own.items():
+        if k not in sd:
+            raise ValueError(f"checkpoint does not fit {what}: missing key '{k}' (expected shape "
+                             f"{tuple(v.shape)}); is it the right model / layout?")
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise ValueError(f"checkpoint does not fit {what}: key '{k}' has shape {tuple(sd[k].shape)}, "
+                             f"expected {tuple(v.shape)}; the config inferred from it does not match")
+    extra = [k for k in sd if k not in own]
+    if extra:
+        raise ValueError(f"checkpoint does not fit {what}: unexpected key '{extra[0]}' "
+                         f"({len(extra)} unexpected in all); is it the right model / layout?")
+    module.load_state_dict(sd, strict=True)
+
+
+def atomic_save_file(tensors, path, metadata=None):
+    """safetensors write to a temp file, then os.replace: a crash never leaves half a checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def save_model(model, path, **meta):
+    """Our format: weights + {"format": "nanosana", "config": json, ...meta} in the safetensors metadata."""
+    metadata = {"format": "nanosana", "config": json.dumps(asdict(model.config))}
+    metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
+    atomic_save_file(model.state_dict(), path, metadata)
+
+
+# official layout: buffers with no learned state that we do not keep
+OFFICIAL_DROPPED = ("pos_embed", "y_embedder.y_embedding")
+CROSS_HEADS_BY_WIDTH = {1152: 16, 2240: 20}  # not inferable from shapes: the official head counts
+
+
+def config_from_official(sd):
+    """Infer DiTConfig from official key names and shapes."""
+    need = "x_embedder.proj.weight"
+    if need not in sd:
+        raise ValueError(f"not a SANA checkpoint: no key '{need}' (found e.g. '{next(iter(sd), None)}')")
+    D, c_in, p, _ = sd[need].shape
+    if D not in CROSS_HEADS_BY_WIDTH:
+        raise ValueError(f"unknown SANA width {D}: pass config=DiTConfig(...) to from_pretrained")
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    qk = "blocks.0.attn.q_norm.weight" in sd
+    if qk != ("blocks.0.cross_attn.q_norm.weight" in sd):
+        raise ValueError("checkpoint has qk-norm in only one of the two attentions; not a SANA layout we know")
+    return DiTConfig(in_channels=c_in, patch_size=p, hidden_size=D, depth=depth, cross_heads=CROSS_HEADS_BY_WIDTH[D],
+                     mlp_ratio=sd["blocks.0.mlp.point_conv.conv.weight"].shape[1] / D,
+                     caption_channels=sd["y_embedder.y_proj.fc1.weight"].shape[1], qk_norm=qk)
+
+
+# diffusers name -> official name, block-level and top-level (qkv and kv are fused below)
+DIFFUSERS_RENAMES = [
+    ("patch_embed.proj.", "x_embedder.proj."),
+    ("caption_projection.linear_1.", "y_embedder.y_proj.fc1."),
+    ("caption_projection.linear_2.", "y_embedder.y_proj.fc2."),
+    ("time_embed.emb.timestep_embedder.linear_1.", "t_embedder.mlp.0."),
+    ("time_embed.emb.timestep_embedder.linear_2.", "t_embedder.mlp.2."),
+    ("time_embed.linear.", "t_block.1."),
+    ("caption_norm.", "attention_y_norm."),
+    ("proj_out.", "final_layer.linear."),
+    ("scale_shift_table", "final_layer.scale_shift_table"),
+    ("transformer_blocks.", "blocks."),
+    (".attn1.norm_q.", ".attn.q_norm."), (".attn1.norm_k.", ".attn.k_norm."),
+    (".attn1.to_out.0.", ".attn.proj."),
+    (".attn2.to_q.", ".cross_attn.q_linear."),
+    (".attn2.norm_q.", ".cross_attn.q_norm."), (".attn2.norm_k.", ".cross_attn.k_norm."),
+    (".attn2.to_out.0.", ".cross_attn.proj."),
+    (".ff.conv_inverted.", ".mlp.inverted_conv.conv."),
+    (".ff.conv_depth.", ".mlp.depth_conv.conv."),
+    (".ff.conv_point.", ".mlp.point_conv.conv."),
+]
+
+
+def official_from_diffusers(dsd):
+    """Rename a diffusers SanaTransformer2DModel state dict to official keys; fuse q|k|v and k|v."""
+    sd = {}
+    for k, v in dsd.items():
+        if ".attn1.to_" in k and ".to_out" not in k or ".attn2.to_k." in k or ".attn2.to_v." in k:
+            continue  # fused below
+        for a, b in DIFFUSERS_RENAMES:
+            if k.startswith(a) or (a.startswith(".") and a in k):
+                k = k.replace(a, b, 1) if a.startswith(".") else b + k[len(a):]
+        sd[k] = v
+    blocks = {k.split(".")[1] for k in dsd if k.startswith("transformer_blocks.")}
+    for i in sorted(blocks, key=int):
+        pre = f"transformer_blocks.{i}"
+        sd[f"blocks.{i}.attn.qkv.weight"] = torch.cat([dsd[f"{pre}.attn1.to_{n}.weight"] for n in "qkv"])
+        for w in ("weight", "bias"):
+            sd[f"blocks.{i}.cross_attn.kv_linear.{w}"] = torch.cat([dsd[f"{pre}.attn2.to_{n}.{w}"] for n in "kv"])
+    return sd
+
+
+def config_from_diffusers(c):
+    if c.get("_class_name", "SanaTransformer2DModel") != "SanaTransformer2DModel":
+        raise ValueError(f"diffusers folder holds a {c['_class_name']}, not a SanaTransformer2DModel")
+    if c.get("interpolation_scale") is not None or c.get("guidance_embeds"):
+        raise ValueError("this diffusers SANA uses a positional embedding (2K/4K) or guidance embeds (Sprint): "
+                         "not supported by nanoSANA; use a 512/1024px SANA or SANA-1.5 checkpoint")
+    D = c["num_attention_heads"] * c["attention_head_dim"]
+    return DiTConfig(in_channels=c["in_channels"], patch_size=c.get("patch_size", 1), hidden_size=D,
+                     depth=c["num_layers"], linear_head_dim=c["attention_head_dim"],
+                     cross_heads=c["num_cross_attention_heads"], mlp_ratio=c.get("mlp_ratio", 2.5),
+                     caption_channels=c["caption_channels"], qk_norm=c.get("qk_norm") is not None,
+                     cross_norm_eps=1e-5, norm_eps=c.get("norm_eps", 1e-6))
+
+
+def read_safetensors_dir(folder, stem):
+    """All tensors of `stem`.safetensors or of its shards (stem.safetensors.index.json)."""
+    index = os.path.join(folder, f"{stem}.safetensors.index.json")
+    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else [f"{stem}.safetensors"]
+    sd = {}
+    for f in files:
+        sd.update(load_file(os.path.join(folder, f)))
+    return sd
+
+
+def read_dit_checkpoint(path):
+    """-> (state dict in our/official key names, DiTConfig, metadata dict). One-line errors for bad paths."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        folder = os.path.join(path, "transformer") if os.path.isdir(os.path.join(path, "transformer")) else path
+        cfg_file = os.path.join(folder, "config.json")
+        if not os.path.exists(cfg_file):
+            raise ValueError(f"{path} is a folder without config.json: expected a diffusers SanaTransformer2DModel folder")
+        sd = official_from_diffusers(read_safetensors_dir(folder, "diffusion_pytorch_model"))
+        return sd, config_from_diffusers(json.load(open(cfg_file))), {"layout": "diffusers"}
+    if path.endswith(".safetensors"):
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        sd = load_file(path)
+        if meta.get("format") == "nanosana":
+            return sd, config_from_dict(json.loads(meta["config"])), meta
+    elif path.endswith((".pth", ".pt", ".bin")):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        sd, meta = (obj.get("state_dict", obj) if isinstance(obj, dict) else None), {"layout": "official"}
+        if not isinstance(sd, dict):
+            raise ValueError(f"{path} holds no state dict; expected an official SANA .pth with 'state_dict'")
+    else:
+        raise ValueError(f"unknown checkpoint type '{path}': expected .safetensors, .pth or a diffusers folder")
+    sd = {k: v for k, v in sd.items() if k not in OFFICIAL_DROPPED}
+    return sd, config_from_official(sd), {"layout": "official"}
+
+
+# -----------------------------------------------------------------------------
+# text encoder
+
+# The official "complex human instruction" (CHI) that SANA prepends to every positive prompt before Gemma-2
+# (configs: text_encoder.chi_prompt). Gemma is causal, so the prompt's states depend on it; it is cut off after.
+GEMMA_CHI = "\n".join([
+    'Given a user prompt, generate an "Enhanced prompt" that provides detailed visual descriptions suitable for '
+    'image generation. Evaluate the level of detail in the user prompt:',
+    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial "
+    "relationships to create vivid and concrete scenes.",
+    "- If the prompt is already detailed, refine and enhance the existing details slightly without overcomplicating.",
+    "Here are examples of how to transform or refine prompts:",
+    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, sleeping "
+    "peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.",
+    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street "
+    "lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering glass "
+    "skyscrapers.",
+    "Please generate only the enhanced description for the prompt below and avoid including any additional "
+    "commentary or evaluations:",
+    "User Prompt: ",
+])
+
+
+class TextEncoder:
+    """Token-level last hidden states of a frozen transformers encoder, right-padded to max_length.
+
+    With chi_prompt (real scale, Gemma-2): tokenize chi + prompt to len(chi tokens) + max_length - 2, run the
+    whole sequence, keep position 0 (BOS) and the last max_length - 1 positions: the prompt and its padding.
+    `null()` is the empty caption without CHI, as the official code computes its null embedding.
+    """
+
+    def __init__(self, path, max_length=300, chi_prompt=None, device="cpu", dtype=torch.float32):
+        from transformers import AutoModel, AutoTokenizer  # heavy import, only when a text encoder is built
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.padding_side = "right"
+        self.model = AutoModel.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
+        self.max_length, self.chi, self.device = max_length, chi_prompt, device
+        self.dim = self.model.config.hidden_size
+
+    @torch.no_grad()
+    def _run(self, texts, max_length, keep=None):
+        tok = self.tokenizer(texts, max_length=max_length, padding="max_length", truncation=True,
+                             return_tensors="pt").to(self.device)
+        y = self.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
+        mask = tok.attention_mask
+        if keep is not None:
+            y, mask = y[:, keep], mask[:, keep]
+        return y.float(), mask.long()  # (B, L, dim), (B, L)
+
+    def __call__(self, prompts):
+        prompts = [p.lower().strip() for p in prompts]
+        if self.chi is None:
+            return self._run(prompts, self.max_length)
+        n_chi = len(self.tokenizer.encode(self.chi))  # includes BOS and the trailing "▁"
+        keep = [0] + list(range(-(self.max_length - 1), 0))
+        return self._run([self.chi + p for p in prompts], n_chi + self.max_length - 2, keep)
+
+    def null(self, n=1):
+        return self._run([""] * n, self.max_length)
+
+
+# -----------------------------------------------------------------------------
+# flow matching (rectified flow, as SANA trains and samples it)
+
+
+def shift_sigma(sigma, shift):
+    """SANA's flow shift: sigma' = s*sigma / (1 + (s-1)*sigma); s > 1 spends more time at high noise."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def add_noise(x0, noise, sigma):
+    """x_t = (1 - sigma) x0 + sigma noise; sigma = 1 is pure noise. Target velocity: noise - x0."""
+    s = sigma.view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - s) * x0 + s * noise
+
+
+if __name__ == "__main__":
+    with torch.device("meta"):
+        for name, cfg in PRESETS.items():
+            n = sum(p.numel() for p in LinearDiT(cfg).parameters())
+            print(f"{name:14s} depth {cfg.depth:3d} width {cfg.hidden_size:5d} params {n / 1e6:9.2f}M")
