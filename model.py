@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, reduce
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
@@ -57,6 +57,7 @@ class DiTConfig:
     linear_attn_eps: float = 1e-8
     grad_checkpointing: bool = False  # recompute each block in backward: memory for compute
     text_encoder: str = "google/gemma-2-2b-it"  # which text states this model was trained on
+    vae: str = "mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers"  # its autoencoder; "" = pixel space
     text_max_length: int = 300
 
     @property
@@ -330,11 +331,13 @@ class LinearDiT(nn.Module):
         return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=hw[0], p=p, q=p)
 
     @classmethod
-    def from_pretrained(cls, path, config=None):
-        """Load our checkpoint, an official SANA checkpoint or a diffusers folder (see module docstring)."""
+    def from_pretrained(cls, path, config=None, dtype=torch.float32):
+        """Load our checkpoint, an official SANA checkpoint or a diffusers folder (see module docstring).
+        dtype=None keeps the checkpoint's own (the official SANA-1.5 weights are bf16)."""
         sd, cfg, meta = read_dit_checkpoint(path)
-        cfg = config or cfg
-        model = cls(cfg)
+        sd = {k: v.to(dtype) if dtype else v for k, v in sd.items()}
+        with torch.device("meta"):  # no init work, no memory: every tensor comes from the checkpoint
+            model = cls(config or cfg)
         check_and_load(model, sd, f"LinearDiT ({path})")
         model.meta = meta
         return model
@@ -349,8 +352,10 @@ PRESETS = {
     "sana1.5-1.6b": DiTConfig(hidden_size=2240, depth=20, cross_heads=20, qk_norm=True),
     "sana1.5-4.8b": DiTConfig(hidden_size=2240, depth=60, cross_heads=20, qk_norm=True),
     # laptop: pixel space (see README, "The shapes world"), MiniLM text states (384-d)
-    "shapes": DiTConfig(in_channels=3, patch_size=2, hidden_size=192, depth=8, cross_heads=6,
-                        caption_channels=384, qk_norm=True, text_encoder="minilm", text_max_length=16),
+    "shapes": DiTConfig(in_channels=3, patch_size=4, hidden_size=192, depth=6, cross_heads=6,
+                        caption_channels=384, qk_norm=True, text_encoder="minilm", text_max_length=16, vae=""),
+    "shapes-tiny": DiTConfig(in_channels=3, patch_size=8, hidden_size=64, depth=2, cross_heads=2,  # tests
+                             caption_channels=384, qk_norm=True, text_encoder="minilm", text_max_length=16, vae=""),
 }
 
 # -----------------------------------------------------------------------------
@@ -371,7 +376,7 @@ def check_and_load(module, sd, what):
     if extra:
         raise ValueError(f"checkpoint does not fit {what}: unexpected key '{extra[0]}' "
                          f"({len(extra)} unexpected in all); is it the right model / layout?")
-    module.load_state_dict(sd, strict=True)
+    module.load_state_dict(sd, strict=True, assign=True)  # assign: works on a meta-device module
 
 
 def atomic_save_file(tensors, path, metadata=None):
@@ -502,6 +507,361 @@ def read_dit_checkpoint(path):
         raise ValueError(f"unknown checkpoint type '{path}': expected .safetensors, .pth or a diffusers folder")
     sd = {k: v for k, v in sd.items() if k not in OFFICIAL_DROPPED}
     return sd, config_from_official(sd), {"layout": "official"}
+
+
+# -----------------------------------------------------------------------------
+# DC-AE: the deep-compression autoencoder SANA works in (dc-ae-f32c32-sana-1.0/1.1, SANA Sec. 2.1).
+# A 1024px image becomes a 32x32x32 latent: 6 stages, 5 halvings, ResBlocks in the 3 high-resolution stages
+# and EfficientViT blocks (multi-scale ReLU linear attention + GLUMBConv) in the 3 low-resolution ones.
+# Module names follow diffusers' AutoencoderDC state-dict keys (minus "encoder."/"decoder."), so a diffusers
+# checkpoint loads with a plain strict load_state_dict. diffusers' to_q/to_k/to_v are the thirds of the
+# official fused qkv conv; the fused output is read per head as [q|k|v] (see LiteMLA).
+# Deviations: none in the math. Only the dc-ae-f32c32 family is supported (conv downsampling, interpolate
+# upsampling, RMS norms, SiLU, all shortcuts on, every stage with >= 1 block); other configs are rejected.
+
+
+@dataclass
+class DCAEConfig:
+    in_channels: int = 3  # image channels
+    latent_channels: int = 32
+    widths: tuple = (128, 256, 512, 512, 1024, 1024)  # one per stage; stage i works at 1/2^i resolution
+    encoder_depths: tuple = (2, 2, 2, 3, 3, 3)  # blocks per stage
+    decoder_depths: tuple = (3, 3, 3, 3, 3, 3)
+    block_types: tuple = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3
+    head_dim: int = 32  # linear-attention head dim of the EfficientViT stages
+    qkv_multiscales: tuple = ((), (), (), (5,), (5,), (5,))  # kernel sizes of the extra aggregated q/k/v
+    scaling_factor: float = 0.41407  # latent fed to the DiT = encoder(img) * scaling_factor
+
+    def __post_init__(self):
+        # lists (from JSON) -> tuples, so a config equals itself after a JSON round trip
+        self.widths, self.encoder_depths, self.decoder_depths = map(tuple, (self.widths, self.encoder_depths,
+                                                                          self.decoder_depths))
+        self.block_types = tuple(self.block_types)
+        self.qkv_multiscales = tuple(tuple(s) for s in self.qkv_multiscales)
+        n, w = len(self.widths), self.widths
+        for name in ("encoder_depths", "decoder_depths", "block_types", "qkv_multiscales"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"DCAEConfig.{name} has {len(getattr(self, name))} entries, widths has {n}: "
+                                 f"give one per stage")
+        if min(self.encoder_depths + self.decoder_depths) < 1:
+            raise ValueError("DCAEConfig: every stage needs >= 1 block (stages without blocks are not supported)")
+        for i, (kind, width) in enumerate(zip(self.block_types, w)):
+            if kind not in ("ResBlock", "EfficientViTBlock"):
+                raise ValueError(f"DCAEConfig.block_types[{i}]={kind!r}: use 'ResBlock' or 'EfficientViTBlock'")
+            if kind == "EfficientViTBlock" and width % self.head_dim:
+                raise ValueError(f"DCAEConfig: width {width} of stage {i} is not a multiple of head_dim "
+                                 f"{self.head_dim}")
+        for a, b in zip(w[:-1], w[1:]):  # the down/up shortcuts regroup channels 4a <-> b
+            if (4 * a) % b or (4 * b) % a:
+                raise ValueError(f"DCAEConfig: widths {a} -> {b}: 4*{a} must be a multiple of {b} and 4*{b} of {a}")
+        if w[-1] % self.latent_channels:
+            raise ValueError(f"DCAEConfig: last width {w[-1]} must be a multiple of latent_channels "
+                             f"{self.latent_channels}")
+
+
+DCAE_PRESETS = {
+    "dc-ae-f32c32": DCAEConfig(),  # SANA / SANA-1.5's autoencoder (sana-1.0 and 1.1 share the shapes)
+    # the laptop world: same f32c32 interface, a few hundred thousand parameters; untrained, so no latent scale
+    "shapes-tiny": DCAEConfig(widths=(8, 16, 32, 32, 64, 64), encoder_depths=(1,) * 6, decoder_depths=(1,) * 6,
+                              head_dim=8, scaling_factor=1.0),
+}
+
+
+def litemla_quadratic(q, k, v, eps):
+    """The same kernel with the explicit N x N matrix; DC-AE uses it when N <= d, where it is cheaper."""
+    scores = (k.transpose(-1, -2) @ q).float()  # (B, h, N, N): scores[m, n] = k_m . q_n
+    scores = scores / (scores.sum(dim=2, keepdim=True) + eps)  # normalise over the keys m
+    return v @ scores.to(v.dtype)  # (B, h, d, N)
+
+
+class RMSNorm2d(nn.Module):
+    """RMS over the channels of each pixel, then * weight + bias; computed in fp32 and cast back."""
+
+    def __init__(self, channels, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):  # (B, C, H, W)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + self.eps)  # fp32 island: mean of squares
+        return (xf * self.weight.float()[:, None, None] + self.bias.float()[:, None, None]).to(x.dtype)
+
+
+class ResBlock(nn.Module):
+    """x + norm(conv2(silu(conv1(x)))): two 3x3 convs, the second without bias."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm = RMSNorm2d(channels)
+
+    def forward(self, x):  # (B, C, H, W)
+        return x + self.norm(self.conv2(F.silu(self.conv1(x))))
+
+
+class MultiscaleQKV(nn.Module):
+    """Aggregates each q/k/v channel over a k x k neighbourhood: depthwise conv, then a 1x1 conv within each group."""
+
+    def __init__(self, channels, heads, kernel_size):  # channels = 3 * width
+        super().__init__()
+        self.proj_in = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels,
+                                 bias=False)
+        self.proj_out = nn.Conv2d(channels, channels, 1, groups=3 * heads, bias=False)  # groups = q, k, v of a head
+
+    def forward(self, qkv):  # (B, 3C, H, W)
+        return self.proj_out(self.proj_in(qkv))
+
+
+class LiteMLA(nn.Module):
+    """x + norm(proj(ReLU linear attention)) over heads from the 1x1 qkv and from its k x k aggregates."""
+
+    def __init__(self, channels, head_dim, scales, eps=1e-15):
+        super().__init__()
+        self.head_dim, self.eps = head_dim, eps
+        heads = channels // head_dim
+        # the three row-thirds of the official fused qkv 1x1 conv (diffusers' names, not q, k and v)
+        self.to_q = nn.Linear(channels, channels, bias=False)
+        self.to_k = nn.Linear(channels, channels, bias=False)
+        self.to_v = nn.Linear(channels, channels, bias=False)
+        self.to_qkv_multiscale = nn.ModuleList(MultiscaleQKV(3 * channels, heads, s) for s in scales)
+        self.to_out = nn.Linear(channels * (1 + len(scales)), channels, bias=False)
+        self.norm_out = RMSNorm2d(channels)
+
+    def forward(self, x):  # (B, C, H, W)
+        B, C, H, W = x.shape
+        w_qkv = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # (3C, C): the fused conv
+        qkv = F.conv2d(x, w_qkv[:, :, None, None])  # (B, 3C, H, W)
+        qkv = torch.cat([qkv] + [agg(qkv) for agg in self.to_qkv_multiscale], dim=1)  # (B, 3C(1+S), H, W)
+        # every 3*head_dim consecutive channels form one head, laid out [q|k|v]: (1+S)*C/head_dim heads
+        qkv = rearrange(qkv, "b (h e) x y -> b h e (x y)", e=3 * self.head_dim)  # (B, h, 3d, N)
+        q, k, v = qkv.chunk(3, dim=2)  # each (B, h, d, N)
+        q, k = F.relu(q), F.relu(k)  # the ReLU kernel
+        if H * W > self.head_dim:
+            out = relu_linear_attention(*(z.transpose(-1, -2) for z in (q, k, v)), self.eps)  # (B, h, N, d) fp32
+            out = out.transpose(-1, -2).to(x.dtype)  # (B, h, d, N)
+        else:
+            out = litemla_quadratic(q, k, v, self.eps)  # (B, h, d, N)
+        out = rearrange(out, "b h d (x y) -> b x y (h d)", x=H)  # (B, H, W, C(1+S)), heads concatenated
+        out = self.to_out(out).permute(0, 3, 1, 2)  # (B, C, H, W)
+        return x + self.norm_out(out)
+
+
+class GLUMBConv(nn.Module):
+    """x + norm(point(a * silu(g))), with (a, g) = depthwise3x3(silu(1x1 expand x)): the gated inverted bottleneck."""
+
+    def __init__(self, channels, expand=4):
+        super().__init__()
+        hidden = expand * channels
+        self.conv_inverted = nn.Conv2d(channels, 2 * hidden, 1)
+        self.conv_depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
+        self.conv_point = nn.Conv2d(hidden, channels, 1, bias=False)
+        self.norm = RMSNorm2d(channels)
+
+    def forward(self, x):  # (B, C, H, W)
+        a, gate = self.conv_depth(F.silu(self.conv_inverted(x))).chunk(2, dim=1)  # each (B, 4C, H, W)
+        return x + self.norm(self.conv_point(a * F.silu(gate)))
+
+
+class EfficientViTBlock(nn.Module):
+    """Global context (multi-scale linear attention), then local mixing (GLUMBConv), each residual."""
+
+    def __init__(self, channels, head_dim, scales):
+        super().__init__()
+        self.attn = LiteMLA(channels, head_dim, scales)
+        self.conv_out = GLUMBConv(channels)
+
+    def forward(self, x):  # (B, C, H, W)
+        return self.conv_out(self.attn(x))
+
+
+class DownBlock(nn.Module):
+    """Halve H and W: 3x3 stride-2 conv + a shortcut that pixel-unshuffles and averages groups of channels."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1)
+        self.group = 4 * c_in // c_out
+
+    def forward(self, x):  # (B, Cin, H, W)
+        shortcut = F.pixel_unshuffle(x, 2)  # (B, 4Cin, H/2, W/2)
+        shortcut = reduce(shortcut, "b (c g) h w -> b c h w", "mean", g=self.group)  # (B, Cout, H/2, W/2)
+        return self.conv(x) + shortcut
+
+
+class UpBlock(nn.Module):
+    """Double H and W: nearest x2 + 3x3 conv, plus a shortcut that repeats channels and pixel-shuffles them."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.repeats = 4 * c_out // c_in
+
+    def forward(self, x):  # (B, Cin, H, W)
+        shortcut = F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2)  # (B, Cout, 2H, 2W)
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest")) + shortcut
+
+
+def _stage_blocks(config, i, depth):
+    """The `depth` blocks of stage i."""
+    width = config.widths[i]
+    if config.block_types[i] == "ResBlock":
+        return [ResBlock(width) for _ in range(depth)]
+    return [EfficientViTBlock(width, config.head_dim, config.qkv_multiscales[i]) for _ in range(depth)]
+
+
+# AutoencoderDC's constructor defaults: a config.json omits the fields left at them
+_DIFFUSERS_DC_DEFAULTS = dict(in_channels=3, latent_channels=32, attention_head_dim=32, scaling_factor=1.0,
+                              encoder_block_types="ResBlock", decoder_block_types="ResBlock",
+                              encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+                              decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+                              encoder_layers_per_block=(2, 2, 2, 3, 3, 3), decoder_layers_per_block=(3, 3, 3, 3, 3, 3),
+                              encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+                              decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+                              upsample_block_type="pixel_shuffle", downsample_block_type="pixel_unshuffle",
+                              decoder_norm_types="rms_norm", decoder_act_fns="silu", encoder_out_shortcut=True,
+                              decoder_in_shortcut=True, decoder_conv_act_fn="relu")
+
+
+def _config_from_diffusers(cfg, side, source):
+    """DCAEConfig for the encoder or decoder ("encoder"/"decoder") of an AutoencoderDC config.json."""
+    if cfg.get("_class_name", "AutoencoderDC") != "AutoencoderDC":
+        raise ValueError(f"{source} describes a {cfg['_class_name']}, not an AutoencoderDC")
+    c = {**_DIFFUSERS_DC_DEFAULTS, **cfg}
+    n = len(c[f"{side}_block_out_channels"])
+
+    def per_stage(v):  # diffusers allows one string for all stages
+        return (v,) * n if isinstance(v, str) else tuple(v)
+
+    norms, acts = set(per_stage(c["decoder_norm_types"])), set(per_stage(c["decoder_act_fns"]))
+    supported = {"encoder": [("downsample_block_type", c["downsample_block_type"] != "pixel_unshuffle", "conv"),
+                             ("encoder_out_shortcut", c["encoder_out_shortcut"], True)],
+                 "decoder": [("upsample_block_type", c["upsample_block_type"] == "interpolate", "interpolate"),
+                             ("decoder_norm_types", norms == {"rms_norm"}, "rms_norm"),
+                             ("decoder_act_fns", acts == {"silu"}, "silu"),
+                             ("decoder_in_shortcut", c["decoder_in_shortcut"], True),
+                             ("decoder_conv_act_fn", c["decoder_conv_act_fn"] == "relu", "relu")]}[side]
+    for key, ok, want in supported:
+        if not ok:
+            raise ValueError(f"{source}: {key}={c[key]!r} is not supported (nanoSANA's DC-AE is the dc-ae-f32c32 "
+                             f"kind: {key}={want!r})")
+    return DCAEConfig(in_channels=c["in_channels"], latent_channels=c["latent_channels"],
+                      widths=c[f"{side}_block_out_channels"], encoder_depths=c["encoder_layers_per_block"],
+                      decoder_depths=c["decoder_layers_per_block"], block_types=per_stage(c[f"{side}_block_types"]),
+                      head_dim=c["attention_head_dim"], qkv_multiscales=c[f"{side}_qkv_multiscales"],
+                      scaling_factor=c["scaling_factor"])
+
+
+class _DCAEHalf(nn.Module):
+    """Loading and saving shared by the encoder and the decoder; `prefix` is their key prefix in a full AE."""
+
+    prefix = ""
+
+    @property
+    def scaling_factor(self):
+        return self.config.scaling_factor
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """From a diffusers AutoencoderDC folder (or a pipeline folder with vae/) or our .safetensors; fp32."""
+        side = cls.prefix.rstrip(".")
+        if os.path.isdir(path):
+            folder = os.path.join(path, "vae") if os.path.isdir(os.path.join(path, "vae")) else path
+            cfg_file = os.path.join(folder, "config.json")
+            weights = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+            if not (os.path.isfile(cfg_file) and os.path.isfile(weights)):
+                raise ValueError(f"{path}: expected a diffusers AutoencoderDC folder with config.json and "
+                                 f"diffusion_pytorch_model.safetensors")
+            with open(cfg_file) as f:
+                config = _config_from_diffusers(json.load(f), side, cfg_file)
+        elif os.path.isfile(path):
+            try:
+                with safe_open(path, "pt") as f:
+                    meta = f.metadata() or {}
+            except Exception as e:  # not a safetensors file at all
+                raise ValueError(f"{path}: not a safetensors file ({e}); pass one written by save_pretrained "
+                                 f"or a diffusers AutoencoderDC folder") from None
+            if "config" not in meta:
+                raise ValueError(f"{path}: no 'config' in the safetensors metadata; pass a file written by "
+                                 f"{cls.__name__}.save_pretrained or a diffusers AutoencoderDC folder")
+            try:
+                config = DCAEConfig(**json.loads(meta["config"]))
+            except TypeError as e:
+                raise ValueError(f"{path}: its config does not fit DCAEConfig ({e})") from None
+            weights = path
+        else:
+            raise FileNotFoundError(f"no such checkpoint file or folder: {path}")
+        state_dict = load_file(weights)
+        ours = {k[len(cls.prefix):]: v.float() for k, v in state_dict.items() if k.startswith(cls.prefix)}
+        if not ours:
+            raise ValueError(f"checkpoint does not fit {cls.__name__}: {weights} has no '{cls.prefix}*' keys "
+                             f"(first key: '{next(iter(state_dict), '')}')")
+        with torch.device("meta"):  # no init work or memory: every tensor comes from the checkpoint
+            model = cls(config)
+        check_and_load(model, ours, f"{cls.__name__} (config from {path})")
+        return model
+
+    def save_pretrained(self, path):
+        """One .safetensors: weights under '<prefix>.' plus {"config": json} metadata; written atomically."""
+        tensors = {self.prefix + k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = f"{path}.tmp{os.getpid()}"
+        save_file(tensors, tmp, metadata={"format": "nanosana-dcae", "config": json.dumps(asdict(self.config))})
+        os.replace(tmp, path)
+
+
+class DCAEEncoder(_DCAEHalf):
+    """Image in [-1, 1] (B, 3, H, W) -> unscaled latent (B, 32, H/32, W/32); multiply by scaling_factor for the DiT."""
+
+    prefix = "encoder."
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        n = len(c.widths)
+        self.conv_in = nn.Conv2d(c.in_channels, c.widths[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            nn.Sequential(*_stage_blocks(c, i, c.encoder_depths[i]),
+                          *([DownBlock(c.widths[i], c.widths[i + 1])] if i < n - 1 else []))
+            for i in range(n))
+        self.conv_out = nn.Conv2d(c.widths[-1], c.latent_channels, 3, padding=1)
+        self.factor = 2 ** (n - 1)
+
+    def forward(self, x):  # (B, 3, H, W)
+        if x.shape[-1] % self.factor or x.shape[-2] % self.factor:
+            raise ValueError(f"DCAEEncoder: image size {tuple(x.shape[-2:])} must be a multiple of {self.factor}; "
+                             f"crop or resize it")
+        x = self.conv_in(x)  # (B, w0, H, W)
+        for stage in self.down_blocks:
+            x = stage(x)  # ends at (B, w_last, H/32, W/32)
+        shortcut = reduce(x, "b (c g) h w -> b c h w", "mean", c=self.config.latent_channels)  # channel-group means
+        return self.conv_out(x) + shortcut  # (B, 32, H/32, W/32)
+
+
+class DCAEDecoder(_DCAEHalf):
+    """Unscaled latent (B, 32, h, w) -> image (B, 3, 32h, 32w) in about [-1, 1], not clamped."""
+
+    prefix = "decoder."
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        n = len(c.widths)
+        self.conv_in = nn.Conv2d(c.latent_channels, c.widths[-1], 3, padding=1)
+        self.up_blocks = nn.ModuleList(  # indexed by stage; run from the last (lowest resolution) to the first
+            nn.Sequential(*([UpBlock(c.widths[i + 1], c.widths[i])] if i < n - 1 else []),
+                          *_stage_blocks(c, i, c.decoder_depths[i]))
+            for i in range(n))
+        self.norm_out = RMSNorm2d(c.widths[0])
+        self.conv_out = nn.Conv2d(c.widths[0], c.in_channels, 3, padding=1)
+
+    def forward(self, z):  # (B, 32, h, w)
+        repeats = self.config.widths[-1] // self.config.latent_channels
+        x = self.conv_in(z) + z.repeat_interleave(repeats, dim=1)  # (B, w_last, h, w): channel-duplicating shortcut
+        for stage in reversed(self.up_blocks):
+            x = stage(x)  # ends at (B, w0, 32h, 32w)
+        return self.conv_out(F.relu(self.norm_out(x)))  # (B, 3, 32h, 32w)
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,115 @@
+"""
+CAME-8bit memory and speed (SANA-1.5 Sec. 2.3, Eq. 2): the figures behind the README's optimizer table.
+
+1. Optimizer-state bytes per parameter for every preset in model.PRESETS, from shapes alone (the models are
+   built on the meta device, nothing is allocated): CAME-8bit, CAME-32, AdamW-32 (8 B/param) and
+   bitsandbytes-style AdamW-8bit, the ratio to AdamW-32, and the paper's Eq. 2 estimate of the bytes saved
+   next to the bytes actually saved against AdamW-32.
+2. The laptop model ("shapes" preset) with real tensors: measured state bytes after one step (must equal the
+   prediction) and the optimizer step time of CAME8bit against torch.optim.AdamW, interleaved in one run,
+   median over repeats. Gradients are fixed random tensors, so only the optimizer step is timed.
+
+    python bench/came8bit_bench.py                 # defaults below
+    python bench/came8bit_bench.py --threads=1 --repeats=15
+"""
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: came8bit.py, model.py
+from came8bit import CAME8bit, eq2_saved_bytes, optimizer_state_bytes, predicted_state_bytes  # noqa: E402
+from model import LinearDiT, PRESETS  # noqa: E402
+
+# defaults, overridden by --key=value
+threads = 0  # torch threads for the timing; 0 keeps torch's default
+repeats = 11  # timing rounds; each round times every optimizer once, in turn
+steps = 5  # optimizer steps per optimizer per round
+lr = 1e-4
+timing_preset = "shapes"  # the laptop model
+
+
+def parse_args(argv):
+    known = {"threads": int, "repeats": int, "steps": int, "lr": float, "timing_preset": str}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(__doc__)
+            print("options: " + ", ".join(f"--{k}={globals()[k]}" for k in known))
+            sys.exit(0)
+        key, _, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in known or not value:
+            raise SystemExit(f"bad argument {arg!r}; use --key=value with key in {sorted(known)}")
+        globals()[key] = known[key](value)
+    if timing_preset not in PRESETS:
+        raise SystemExit(f"unknown preset {timing_preset!r}; choose from {sorted(PRESETS)}")
+
+
+def memory_table():
+    print("optimizer-state bytes per parameter (exact arithmetic from shapes; ratio = / AdamW-32)")
+    header = (f"{'preset':14s} {'params':>8s} {'CAME-8bit':>10s} {'CAME-32':>8s} {'AdamW-32':>9s} "
+              f"{'AdamW-8bit':>10s} {'8bit/AdamW':>10s} {'saved GB':>9s} {'Eq.2 GB':>8s}")
+    print(header)
+    for name, cfg in PRESETS.items():
+        with torch.device("meta"):
+            params = list(LinearDiT(cfg).parameters())
+        n = sum(p.numel() for p in params)
+        b = {o: predicted_state_bytes(params, o) for o in ("came8bit", "came", "adamw", "adamw8bit")}
+        saved = b["adamw"] - b["came8bit"]
+        print(f"{name:14s} {n / 1e6:7.1f}M {b['came8bit'] / n:10.3f} {b['came'] / n:8.3f} {b['adamw'] / n:9.3f} "
+              f"{b['adamw8bit'] / n:10.3f} {b['came8bit'] / b['adamw']:10.4f} {saved / 1e9:9.2f} "
+              f"{eq2_saved_bytes(params) / 1e9:8.2f}")
+    print("Eq. 2 counts 24 B for every quantized value; against AdamW-32's 8 B/param at most ~7 B can be saved.")
+
+
+def make_optimizers(cfg):
+    """One model copy per optimizer, same weights and the same fixed random gradients."""
+    torch.manual_seed(0)
+    base = LinearDiT(cfg)
+    grads = [torch.randn_like(p) * 1e-3 for p in base.parameters()]
+    makers = {
+        "AdamW": lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=0.0),
+        "CAME-8bit": lambda ps: CAME8bit(ps, lr=lr),
+        "CAME-32": lambda ps: CAME8bit(ps, lr=lr, quantize=False),
+    }
+    opts = {}
+    for name, make in makers.items():
+        params = [p.detach().clone().requires_grad_() for p in base.parameters()]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opts[name] = make(params)
+        opts[name].step()  # allocate the state before timing
+    return opts, list(base.parameters())
+
+
+def timing():
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = PRESETS[timing_preset]
+    opts, params = make_optimizers(cfg)
+    n = sum(p.numel() for p in params)
+    print(f"\n{timing_preset} model, real tensors: {n / 1e6:.2f}M params in {len(params)} tensors")
+    predicted = {"AdamW": "adamw", "CAME-8bit": "came8bit", "CAME-32": "came"}
+    for name, opt in opts.items():
+        measured, expect = optimizer_state_bytes(opt), predicted_state_bytes(params, predicted[name])
+        print(f"  {name:10s} state {measured / n:6.3f} B/param ({measured} bytes, predicted {expect})")
+    times = {name: [] for name in opts}
+    for _ in range(repeats):  # interleaved rounds: machine load drifts hit every optimizer alike
+        for name, opt in opts.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                opt.step()
+            times[name].append((time.perf_counter() - t0) / steps)
+    base = statistics.median(times["AdamW"])
+    print(f"optimizer step time, median of {repeats} rounds x {steps} steps, torch threads {torch.get_num_threads()}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"  {name:10s} {med * 1e3:8.2f} ms/step  {med / base:5.2f}x AdamW")
+
+
+if __name__ == "__main__":
+    parse_args(sys.argv[1:])
+    memory_table()
+    timing()

@@ -1,0 +1,311 @@
+"""
+CAME-8bit: the CAME optimizer with block-wise 8-bit first moments (SANA-1.5, Sec. 2.3).
+
+CAME (Luo et al., 2023) is Adafactor with a confidence term. For a weight matrix it keeps only row and
+column statistics of the squared gradient (O(rows + cols) memory instead of O(rows * cols)), clips the
+normalised update to RMS <= 1, keeps a first moment m of it, and divides m by the factored running average
+of the instability (U - m)^2 before stepping. SANA-1.5 stores m in 8 bits, block by block (Eq. 1):
+
+    q(x) = round((x - min(x)) / (max(x) - min(x)) * 255),   one (min, scale) pair per block of 2048 values
+
+only for Linear and 1x1-conv weights with more than 16K elements; every other tensor and every second-moment
+statistic stays fp32. State per quantized weight: ~1 byte per value plus 8 bytes per block, against 8 bytes
+per value for AdamW-32 (`predicted_state_bytes`, `eq2_saved_bytes`).
+
+Per step (g = gradient, b1, b2, b3 = betas, e1, e2 = eps; for a matrix, mean over columns gives rows):
+    r = b2 r + (1-b2) mean_cols(g^2 + e1);   c = b2 c + (1-b2) mean_rows(g^2 + e1)
+    U = g / sqrt(r c^T / mean(r));            U = U / max(1, RMS(U) / clip_threshold)
+    m = b1 m + (1-b1) U                       (m is what gets quantized)
+    R = b3 R + (1-b3) mean_cols((U - m)^2 + e2), same for the columns
+    p = p - lr wd p - lr m / sqrt(R_r R_c^T / mean(R_r))
+Non-matrix tensors keep a full second moment v (U = g / sqrt(v)) and step with m alone, as in the official code.
+
+Deviations from the official `CAME8BitWrapper` (NVlabs/Sana diffusion/utils/optimizer.py):
+- A block is 2048 consecutive values of the flattened tensor, as Eq. 1 says; the official code splits the
+  tensor into slabs of 2048 *rows*. The last block is padded with its own last value, so padding never widens
+  its range.
+- A block whose values are all equal (max = min, e.g. the all-zero start) gets its code step floored at the
+  smallest normal fp32 and codes 0, so it dequantizes to its min exactly; the official code divides 0 by 0.
+- Round to nearest is done as truncation of (x - min) / scale + 0.5 (ties go up).
+- Which tensors are factored follows the official code: 2-D weights and 1x1 convs (as matrices out x in);
+  3x3 and depthwise convs, biases and norms keep a full second moment (came_pytorch would factor the last two
+  dims of a 3x3 kernel).
+- e1 is added to the row and column means rather than to every g^2: the same number, one pass fewer.
+- No `step` or `RMS` entries in the state: CAME has no bias correction, and the official code never reads them.
+- FSDP2 (`fully_shard`): each rank updates its own shard (`p.to_local()`, rows split along dim 0). Row
+  statistics are local; the column sums, the mean of the row statistics and the clipping RMS are summed over
+  the shards with `all_reduce`, so the fp32 math is the unsharded math. The 8-bit blocks tile each rank's
+  flattened shard, so block boundaries (not the algorithm) depend on the world size, and the optimizer state
+  is per rank: save it per rank and resume with the same world size.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support: nothing can be a DTensor
+    DTensor = ()
+
+TINY = torch.finfo(torch.float32).tiny  # smallest normal fp32: the floor of a block's code step
+
+# -----------------------------------------------------------------------------
+# the 8-bit quantizer (Eq. 1)
+
+
+def quantize_blockwise(x, block_size):
+    """Eq. 1 on each block of `block_size` consecutive values of x.flatten().
+    Returns codes (n_blocks, block_size) uint8, mins (n_blocks, 1) fp32 and scales (n_blocks, 1) fp32 (one per
+    row of codes), with value ~= code * scale + min, off by at most scale / 2 (round to nearest)."""
+    flat = x.detach().reshape(-1).float()  # (n,)
+    pad = -flat.numel() % block_size
+    if pad:  # repeat the last value: it lies inside the last block's range, so min and max do not move
+        flat = torch.cat([flat, flat[-1:].expand(pad)])
+    blocks = flat.view(-1, block_size)  # (n_blocks, block_size)
+    mins, maxs = blocks.amin(dim=1, keepdim=True), blocks.amax(dim=1, keepdim=True)  # (n_blocks, 1)
+    # one code step; the floor guards zero-range blocks (x - min = 0 gives code 0, which dequantizes to min)
+    scales = maxs.sub_(mins).div_(255).clamp_min_(TINY)  # (n_blocks, 1)
+    # (x - min) / scale + 0.5 lies in [0.5, 255.5]; truncating it rounds (x - min) / scale to the nearest code
+    codes = blocks.sub(mins.sub(scales, alpha=0.5)).mul_(scales.reciprocal())  # (n_blocks, block_size)
+    return codes.to(torch.int16).to(torch.uint8), mins, scales  # via int16: float -> uint8 is ~3x slower on CPU
+
+
+def dequantize_blockwise(codes, mins, scales, shape):
+    """Inverse of quantize_blockwise: fp32 tensor of `shape` (the block size is codes.shape[1])."""
+    flat = codes.float().mul_(scales).add_(mins).view(-1)  # (n_blocks * block_size,)
+    return flat[: math.prod(shape)].view(shape)
+
+
+# -----------------------------------------------------------------------------
+# small functions
+
+
+def is_matrix(p):
+    """Linear weights and 1x1 convs: CAME factors their second moments (as the official code does)."""
+    return p.dim() == 2 or (p.dim() == 4 and p.shape[2] == p.shape[3] == 1)
+
+
+def is_quantized(p, min_8bit_size=16384):
+    """Sec. 2.3: only Linear / 1x1-conv weights with more than 16K values keep an 8-bit first moment."""
+    return is_matrix(p) and p.numel() > min_8bit_size
+
+
+def _local(t):
+    """This rank's shard of an FSDP2 DTensor; the tensor itself otherwise."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _shard_groups(p):
+    """Process groups across which p's rows are split (empty for plain tensors and DDP)."""
+    if not isinstance(p, DTensor):
+        return []
+    groups = []
+    for mesh_dim, placement in enumerate(p.placements):
+        if placement.is_shard():
+            if placement.dim != 0:
+                raise ValueError(f"CAME8bit needs parameters sharded along dim 0 (FSDP2's default), "
+                                 f"got {placement} for a {tuple(p.shape)} parameter")
+            groups.append(p.device_mesh.get_group(mesh_dim))
+    return groups
+
+
+def _sum_shards(x, groups):
+    """A sum over this rank's shard -> the sum over the whole parameter (in place)."""
+    for group in groups:
+        dist.all_reduce(x, group=group)
+    return x
+
+
+def optimizer_state_bytes(optimizer):
+    """Bytes held by the tensors in any torch optimizer's state (this rank's share under FSDP2)."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                value = _local(value)
+                total += value.numel() * value.element_size()
+    return total
+
+
+def predicted_state_bytes(params, optimizer="came8bit", block_size=2048, min_8bit_size=16384):
+    """Exact optimizer-state bytes from shapes alone (meta-device parameters work: nothing is allocated).
+    optimizer: "came8bit" | "came" (CAME8bit with quantize=False) | "adamw" (torch.optim.AdamW: two fp32
+    moments + a 0-d fp32 step) | "adamw8bit" (bitsandbytes-style: two uint8 moments + two fp32 absmax per
+    block of `block_size`, for tensors of >= 4096 values, bitsandbytes' own threshold; fp32 below it)."""
+    if optimizer not in ("came8bit", "came", "adamw", "adamw8bit"):
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose came8bit, came, adamw or adamw8bit")
+    total = 0
+    for p in params:
+        n = p.numel()
+        if optimizer == "adamw":
+            total += 8 * n + 4
+        elif optimizer == "adamw8bit":
+            total += 2 * n + 8 * math.ceil(n / block_size) if n >= 4096 else 8 * n
+        else:
+            rows = p.shape[0] if p.dim() else 1
+            second = 8 * (rows + n // rows) if is_matrix(p) else 4 * n  # r, c, R_r, R_c  or  v
+            n_blocks = math.ceil(n / block_size)
+            quantized = optimizer == "came8bit" and is_quantized(p, min_8bit_size)
+            first = n_blocks * block_size + 8 * n_blocks if quantized else 4 * n  # codes + (min, scale)  or  m
+            total += second + first
+    return total
+
+
+def eq2_saved_bytes(params, min_8bit_size=16384):
+    """The paper's Eq. 2 estimate: sum over quantized layers of n_l * 24 bytes (an upper bound, Sec. 2.3)."""
+    return 24 * sum(p.numel() for p in params if is_quantized(p, min_8bit_size))
+
+
+# -----------------------------------------------------------------------------
+# the optimizer
+
+
+class CAME8bit(torch.optim.Optimizer):
+    """CAME with block-wise 8-bit first moments (Sec. 2.3). quantize=False is plain 32-bit CAME."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16), clip_threshold=1.0,
+                 weight_decay=0.0, block_size=2048, min_8bit_size=16384, quantize=True):
+        if not lr >= 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if len(betas) != 3 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must be three numbers in [0, 1) (b1, b2, b3), got {betas}")
+        if len(eps) != 2 or not all(e > 0 for e in eps):
+            raise ValueError(f"eps must be two positive numbers (e1 for g^2, e2 for the instability), got {eps}")
+        if not clip_threshold > 0:
+            raise ValueError(f"clip_threshold must be > 0, got {clip_threshold}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if block_size < 1 or min_8bit_size < 0:
+            raise ValueError(f"block_size must be >= 1 and min_8bit_size >= 0, got {block_size}, {min_8bit_size}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=tuple(eps), clip_threshold=clip_threshold,
+                        weight_decay=weight_decay, block_size=block_size, min_8bit_size=min_8bit_size,
+                        quantize=quantize)
+        super().__init__(params, defaults)
+
+    def _init_state(self, p, group):
+        local = _local(p)
+        fp32 = dict(dtype=torch.float32, device=local.device)
+        state = self.state[p]
+        if is_matrix(p):  # factored second moment and instability: rows split across FSDP2 ranks, columns not
+            rows, cols = local.shape[0], math.prod(p.shape[1:])
+            state["exp_avg_sq_row"] = torch.zeros(rows, **fp32)
+            state["exp_avg_sq_col"] = torch.zeros(cols, **fp32)
+            state["exp_avg_res_row"] = torch.zeros(rows, **fp32)
+            state["exp_avg_res_col"] = torch.zeros(cols, **fp32)
+        else:
+            state["exp_avg_sq"] = torch.zeros(local.shape, **fp32)
+        if group["quantize"] and is_quantized(p, group["min_8bit_size"]):
+            codes, mins, scales = quantize_blockwise(torch.zeros(local.shape, **fp32), group["block_size"])
+            state.update(exp_avg_codes=codes, exp_avg_min=mins, exp_avg_scale=scales)
+        else:
+            state["exp_avg"] = torch.zeros(local.shape, **fp32)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        return loss
+
+    def _update(self, p, group):
+        if p.grad.is_sparse:
+            raise ValueError("CAME8bit does not support sparse gradients; use dense gradients")
+        if p not in self.state or not self.state[p]:
+            self._init_state(p, group)
+        state = self.state[p]
+        lr, wd, clip = group["lr"], group["weight_decay"], group["clip_threshold"]
+        beta1, beta2, beta3 = group["betas"]
+        eps1, eps2 = group["eps"]
+        shards = _shard_groups(p)
+        n = p.numel()  # global: means and the RMS span every shard
+        param = _local(p)
+        grad = _local(p.grad).float()  # fp32 island: all optimizer statistics are fp32 (Sec. 2.3)
+        factored = "exp_avg_sq_row" in state
+        if factored:
+            rows = p.shape[0]  # global row count
+            grad = grad.view(grad.shape[0], math.prod(p.shape[1:]))  # (r, c): 1x1 convs as out x in matrices
+        if "exp_avg" in state:
+            exp_avg = state["exp_avg"].view(grad.shape)  # (r, c) or param shape, updated in place
+        else:
+            exp_avg = dequantize_blockwise(state["exp_avg_codes"], state["exp_avg_min"], state["exp_avg_scale"],
+                                           grad.shape)
+
+        weight = param.float()  # the param itself when fp32; an fp32 copy for bf16 params
+        if wd:
+            weight.mul_(1 - lr * wd)  # decoupled weight decay (AdamW-style), as came_pytorch
+        if factored:
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            buf = grad * grad  # (r, c) g^2; the one scratch tensor: reused for U, (U - m)^2 and the step
+            row.lerp_(buf.mean(dim=1).add_(eps1), 1 - beta2)  # (r,) columns are never split
+            col.lerp_(_sum_shards(buf.sum(dim=0), shards).div_(rows).add_(eps1), 1 - beta2)  # (c,)
+            row_factor = row.div(_sum_shards(row.sum(), shards) / rows).rsqrt_()  # (r,) 1/sqrt(r / mean(r))
+            col_factor = col.rsqrt()  # (c,)
+            # update clipping: sum(U^2) = sum_ij g_ij^2 row_factor_i^2 col_factor_j^2, two matrix-vector products
+            sum_sq = _sum_shards(row_factor.square() @ (buf @ col_factor.square()), shards)
+            row_factor.div_(sum_sq.div_(n * clip**2).sqrt_().clamp_min_(1.0))  # / max(1, RMS(U) / clip)
+            update = torch.mul(grad, row_factor[:, None], out=buf).mul_(col_factor)  # (r, c) clipped U
+            exp_avg.lerp_(update, 1 - beta1)  # m
+            res = update.sub_(exp_avg).square_()  # (r, c) instability (U - m)^2
+            res_row, res_col = state["exp_avg_res_row"], state["exp_avg_res_col"]
+            res_row.lerp_(res.mean(dim=1).add_(eps2), 1 - beta3)  # (r,)
+            res_col.lerp_(_sum_shards(res.sum(dim=0), shards).div_(rows).add_(eps2), 1 - beta3)  # (c,)
+            res_row_factor = res_row.div(_sum_shards(res_row.sum(), shards) / rows).rsqrt_()  # (r,)
+            # p -= lr m / sqrt(R_r R_c^T / mean(R_r)): the row factor here, the column factor inside addcmul_
+            step = torch.mul(exp_avg, res_row_factor[:, None], out=res)  # (r, c)
+            weight.view(step.shape).addcmul_(step, res_col.rsqrt(), value=-lr)
+        else:
+            exp_avg_sq = state["exp_avg_sq"]
+            exp_avg_sq.lerp_(grad.square().add_(eps1), 1 - beta2)  # v, full second moment
+            update = grad / exp_avg_sq.sqrt()  # U
+            sum_sq = _sum_shards(update.square().sum(), shards)
+            update.div_(sum_sq.div_(n * clip**2).sqrt_().clamp_min_(1.0))  # / max(1, RMS(U) / clip)
+            exp_avg.lerp_(update, 1 - beta1)  # m
+            weight.add_(exp_avg, alpha=-lr)  # no confidence term without factored statistics (official code)
+        if weight is not param:
+            param.copy_(weight)
+        if "exp_avg_codes" in state:  # store m back in 8 bits; this step used the fp32 m (official order)
+            codes, mins, scales = quantize_blockwise(exp_avg, state["exp_avg_codes"].shape[1])
+            state.update(exp_avg_codes=codes, exp_avg_min=mins, exp_avg_scale=scales)
+
+    def load_state_dict(self, state_dict):
+        """torch casts every loaded state tensor to its parameter's dtype, which would turn uint8 codes into
+        floats (and fp32 statistics into bf16 for bf16 params); put back the saved tensors as they were."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(i, {}).items():
+                self.state[p][key] = value.to(device=_local(p).device)
+
+
+# -----------------------------------------------------------------------------
+# demo: python came8bit.py
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    X = torch.randn(512, 256)
+    Y = torch.sin(3 * X @ torch.randn(256, 128) / 16)  # (512, 128) a small regression problem
+    print(f"{'optimizer':>10s} {'loss@0':>9s} {'loss@100':>9s} {'state bytes':>12s}")
+    for name in ("came8bit", "came", "adamw"):
+        torch.manual_seed(1)
+        net = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.SiLU(), torch.nn.Linear(256, 128))
+        if name == "adamw":
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
+        else:
+            opt = CAME8bit(net.parameters(), lr=1e-3, quantize=name == "came8bit")
+        losses = []
+        for step in range(101):
+            loss = torch.nn.functional.mse_loss(net(X), Y)
+            losses.append(loss.item())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        print(f"{name:>10s} {losses[0]:9.4f} {losses[-1]:9.4f} {optimizer_state_bytes(opt):12d}")

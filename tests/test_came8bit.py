@@ -1,0 +1,362 @@
+"""came8bit.py against independent references: a float64 CAME written from the equations, Eq. 1 in float64,
+the 32-bit optimizer, a save/load round trip, and the unsharded run under FSDP2 and DDP (2 gloo processes)."""
+import io
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.nn as nn
+
+from came8bit import (CAME8bit, dequantize_blockwise, eq2_saved_bytes, optimizer_state_bytes, predicted_state_bytes,
+                      quantize_blockwise)
+
+BETAS, EPS = (0.9, 0.999, 0.9999), (1e-30, 1e-16)
+
+
+# -----------------------------------------------------------------------------
+# a float64 CAME, written from the equations (Luo et al. 2023, Alg. 1; SANA's wrapper for shapes and eps)
+
+
+def reference_step(p, g, st, lr, wd=0.0, clip=1.0, betas=BETAS, eps=EPS):
+    """One CAME step in float64 on full tensors: V = r c^T / mean(r) and S = R_r R_c^T / mean(R_r) formed
+    explicitly. Returns the new parameter; st holds the statistics (filled on the first call)."""
+    b1, b2, b3 = betas
+    e1, e2 = eps
+    matrix = p.dim() == 2 or (p.dim() == 4 and p.shape[2:] == (1, 1))
+    G = g.double().reshape(p.shape[0], -1) if matrix else g.double()
+    if not st:
+        st["m"] = torch.zeros_like(G)
+        if matrix:
+            st["r"], st["c"] = torch.zeros(G.shape[0]).double(), torch.zeros(G.shape[1]).double()
+            st["Rr"], st["Rc"] = torch.zeros(G.shape[0]).double(), torch.zeros(G.shape[1]).double()
+        else:
+            st["v"] = torch.zeros_like(G)
+    u = G**2 + e1
+    if matrix:
+        st["r"] = b2 * st["r"] + (1 - b2) * u.mean(dim=1)
+        st["c"] = b2 * st["c"] + (1 - b2) * u.mean(dim=0)
+        V = torch.outer(st["r"], st["c"]) / st["r"].mean()
+    else:
+        st["v"] = b2 * st["v"] + (1 - b2) * u
+        V = st["v"]
+    U = G / V.sqrt()
+    U = U / max(1.0, U.pow(2).mean().sqrt().item() / clip)
+    st["m"] = b1 * st["m"] + (1 - b1) * U
+    if matrix:
+        R = (U - st["m"]) ** 2 + e2
+        st["Rr"] = b3 * st["Rr"] + (1 - b3) * R.mean(dim=1)
+        st["Rc"] = b3 * st["Rc"] + (1 - b3) * R.mean(dim=0)
+        update = st["m"] / (torch.outer(st["Rr"], st["Rc"]) / st["Rr"].mean()).sqrt()
+    else:
+        update = st["m"]
+    return p.double() * (1 - lr * wd) - lr * update.reshape(p.shape)
+
+
+def structured_grad(shape, gen):
+    """Gradients whose scale varies by row and column, so a wrong factorisation shows."""
+    g = torch.randn(shape, generator=gen)
+    if len(shape) >= 2:
+        g = g * torch.rand(shape[0], *[1] * (len(shape) - 1), generator=gen).mul(3).exp()
+        g = g * torch.rand(1, shape[1], *[1] * (len(shape) - 2), generator=gen).mul(3).exp()
+    return g * 1e-2
+
+
+@pytest.mark.parametrize("shape, wd, clip", [
+    ((24, 16), 0.0, 1.0),
+    ((12, 8, 1, 1), 0.1, 1.0),  # 1x1 conv: factored as 12 x 8
+    ((6, 1, 3, 3), 0.0, 1.0),  # depthwise 3x3: full second moment (official code)
+    ((10,), 0.1, 1.0),
+    ((24, 16), 0.0, 100.0),  # clipping never active
+])
+def test_32bit_matches_float64_reference(shape, wd, clip):
+    gen = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.randn(shape, generator=gen))
+    st = {}
+    opt = CAME8bit([p], lr=1e-2, weight_decay=wd, clip_threshold=clip, quantize=False)
+    for step in range(6):
+        g = structured_grad(shape, gen)
+        if len(shape) == 2 and step < 3:
+            g[3] = 0  # a row without gradient: eps1 keeps it finite
+        before = p.detach().double().clone()
+        p.grad = g
+        opt.step()
+        expected = reference_step(before, g, st, lr=1e-2, wd=wd, clip=clip)
+        # steps are ~1e-2; atol is rounding p itself to fp32 (half an ulp of |p| < 4)
+        torch.testing.assert_close(p.detach().double(), expected, rtol=0, atol=3e-7)
+        m = opt.state[p]["exp_avg"].double().reshape(st["m"].shape)
+        torch.testing.assert_close(m, st["m"], rtol=1e-4, atol=1e-7)  # m is O(1)
+    assert torch.isfinite(p).all()
+
+
+def test_matches_came_pytorch():
+    came_pytorch = pytest.importorskip("came_pytorch")
+    gen = torch.Generator().manual_seed(1)
+    ours = [nn.Parameter(torch.randn(24, 16, generator=gen)), nn.Parameter(torch.randn(10, generator=gen))]
+    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    a = CAME8bit(ours, lr=1e-2, quantize=False)
+    b = came_pytorch.CAME(theirs, lr=1e-2, betas=BETAS, eps=EPS)
+    for _ in range(5):
+        for p, q in zip(ours, theirs):
+            p.grad = structured_grad(p.shape, gen)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# the quantizer (Eq. 1)
+
+
+def test_quantizer_error_is_at_most_half_a_step_and_codes_follow_eq1():
+    gen = torch.Generator().manual_seed(2)
+    n, bs = 5000, 2048  # three blocks, the last one partial
+    x = torch.randn(n, generator=gen) * torch.linspace(1e-4, 10, n) + torch.linspace(-3, 3, n)
+    codes, mins, scales = quantize_blockwise(x, bs)
+    assert codes.dtype == torch.uint8 and codes.shape == (3, bs) and mins.shape == scales.shape == (3, 1)
+    y = dequantize_blockwise(codes, mins, scales, x.shape)
+    step = scales.expand(3, bs).reshape(-1)[:n]
+    slack = 4 * torch.finfo(torch.float32).eps * x.abs().max()  # fp32 arithmetic on top of the rounding
+    assert ((y - x).abs() <= step / 2 + slack).all()
+    # Eq. 1 in float64, block by block, with the true min and max of each (partial) block
+    for b in range(3):
+        xb = x[b * bs:(b + 1) * bs].double()
+        q = torch.round((xb - xb.min()) / (xb.max() - xb.min()) * 255)
+        ours = codes[b, : len(xb)].double()
+        assert (ours - q).abs().max() <= 1  # ties may round either way
+        assert (ours == q).double().mean() > 0.999
+        assert mins[b, 0] == xb.min().float() and ours.min() == 0 and ours.max() == 255
+
+
+def test_quantizer_zero_range_blocks_and_padding():
+    x = torch.cat([torch.zeros(64), torch.full((64,), 3.7), torch.linspace(5, 6, 40)])  # last block partial
+    codes, mins, scales = quantize_blockwise(x, 64)
+    y = dequantize_blockwise(codes, mins, scales, x.shape)
+    assert torch.isfinite(y).all() and torch.isfinite(scales).all()
+    assert (scales > 0).all()  # the guard: a positive code step, never 0 / 0 (official code)
+    assert (codes[:2] == 0).all()
+    assert torch.equal(y[:128], x[:128])  # constant blocks come back exactly
+    assert mins[2, 0] == 5.0 and torch.isclose(mins[2, 0] + 255 * scales[2, 0], torch.tensor(6.0))  # padding kept out
+    assert ((y[128:] - x[128:]).abs() <= scales[2, 0] / 2 + 1e-6).all()
+
+
+# -----------------------------------------------------------------------------
+# the optimizer in 8 bits
+
+
+def test_8bit_trajectory_stays_close_to_32bit():
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(1024, 256, generator=gen)
+    Y = X @ torch.randn(256, 128, generator=gen) / 20 + 0.1 * torch.randn(1024, 128, generator=gen)  # noisy
+    w0 = torch.randn(128, 256, generator=gen) * 0.02  # 32768 values: quantized
+    runs = {}
+    for quantize in (True, False):
+        w = nn.Parameter(w0.clone())
+        opt = CAME8bit([w], lr=3e-3, quantize=quantize)
+        losses = []
+        for _ in range(120):
+            loss = (X @ w.T - Y).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert ("exp_avg_codes" in opt.state[w]) == quantize
+        runs[quantize] = (w.detach(), torch.tensor(losses))
+    (w8, l8), (w32, l32) = runs[True], runs[False]
+    assert l32[-1] < 0.1 * l32[0]  # the problem is actually being solved (noise floor ~0.0075)
+    assert ((l8 - l32).abs() / l32).max() < 0.02  # every step, not only the last
+    assert (w8 - w32).norm() < 0.02 * (w32 - w0).norm()
+
+
+def make_params(gen):
+    return [nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in
+            [(130, 130), (128, 128), (16, 16), (20000,), (64, 64, 3, 3), (200, 100, 1, 1), (1,), ()]]
+
+
+def test_only_large_matrices_are_quantized():
+    gen = torch.Generator().manual_seed(4)
+    params = make_params(gen)
+    opt = CAME8bit(params)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    quantized = ["exp_avg_codes" in opt.state[p] for p in params]
+    factored = ["exp_avg_sq_row" in opt.state[p] for p in params]
+    # 130^2 > 16384 quantized; 128^2 = 16384 is not (strict >, as the official code); 1-D and 3x3 never
+    assert quantized == [True, False, False, False, False, True, False, False]
+    assert factored == [True, True, True, False, False, True, False, False]
+    assert opt.state[params[0]]["exp_avg_codes"].dtype == torch.uint8
+
+
+def test_state_dict_round_trip_gives_identical_steps():
+    gen = torch.Generator().manual_seed(5)
+    params = make_params(gen)
+    opt = CAME8bit(params, lr=1e-3, weight_decay=0.01)
+    grads = [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(5)]
+    for gs in grads[:3]:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True, map_location="cpu")
+    params2 = [nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = CAME8bit(params2, lr=5.0)  # hyperparameters come from the state dict
+    opt2.load_state_dict(loaded)
+    assert opt2.state[params2[0]]["exp_avg_codes"].dtype == torch.uint8
+    assert opt2.param_groups[0]["lr"] == 1e-3
+    for gs in grads[3:]:
+        for p, p2, g in zip(params, params2, gs):
+            p.grad, p2.grad = g.clone(), g.clone()
+        opt.step()
+        opt2.step()
+    for p, p2 in zip(params, params2):
+        assert torch.equal(p, p2)
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, opt2.state[p2][key]) and value.dtype == opt2.state[p2][key].dtype
+
+
+def test_bf16_params_step_in_fp32_and_keep_fp32_state_through_load():
+    p = nn.Parameter(torch.randn(200, 100).bfloat16())
+    p32 = nn.Parameter(p.detach().float())
+    opt, opt32 = CAME8bit([p], lr=1e-2), CAME8bit([p32], lr=1e-2)
+    p.grad = torch.randn(200, 100).bfloat16()
+    p32.grad = p.grad.float()
+    opt.step()
+    opt32.step()
+    assert torch.equal(p, p32.detach().bfloat16())  # the same fp32 math, rounded once at the end
+    opt2 = CAME8bit([nn.Parameter(p.detach().clone())])
+    opt2.load_state_dict(opt.state_dict())
+    state = next(iter(opt2.state.values()))
+    assert state["exp_avg_codes"].dtype == torch.uint8 and state["exp_avg_sq_row"].dtype == torch.float32
+
+
+def test_weight_decay_is_decoupled():
+    gen = torch.Generator().manual_seed(6)
+    p0, g = torch.randn(40, 30, generator=gen), torch.randn(40, 30, generator=gen)
+    a, b = nn.Parameter(p0.clone()), nn.Parameter(p0.clone())
+    opt_a, opt_b = CAME8bit([a], lr=0.01, weight_decay=0.1), CAME8bit([b], lr=0.01)
+    a.grad, b.grad = g.clone(), g.clone()
+    opt_a.step()
+    opt_b.step()
+    torch.testing.assert_close(a - b, -0.01 * 0.1 * p0, rtol=0, atol=5e-7)  # not in the statistics (atol: fp32 p)
+    c = nn.Parameter(p0.clone())
+    c.grad = torch.zeros_like(p0)
+    CAME8bit([c], lr=0.01, weight_decay=0.1).step()
+    torch.testing.assert_close(c.detach(), p0 * (1 - 0.01 * 0.1))  # zero gradient: only the decay moves p
+
+
+# -----------------------------------------------------------------------------
+# memory accounting
+
+
+def test_predicted_bytes_match_measured_and_work_on_meta():
+    gen = torch.Generator().manual_seed(7)
+    params = make_params(gen)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opts = {"came8bit": CAME8bit(params), "came": CAME8bit(params, quantize=False),
+            "adamw": torch.optim.AdamW(params)}
+    meta = [torch.empty(p.shape, device="meta") for p in params]
+    for name, opt in opts.items():
+        opt.step()
+        assert optimizer_state_bytes(opt) == predicted_state_bytes(params, name) == predicted_state_bytes(meta, name)
+    quantized_values = 130 * 130 + 200 * 100
+    assert eq2_saved_bytes(meta) == 24 * quantized_values
+    n = sum(p.numel() for p in params)
+    assert predicted_state_bytes(meta, "adamw8bit") < predicted_state_bytes(meta, "adamw") / 3
+    assert predicted_state_bytes(meta, "came8bit") < predicted_state_bytes(meta, "came") < 8 * n
+
+
+def test_bad_arguments_raise_one_line_errors():
+    p = [nn.Parameter(torch.zeros(3))]
+    for kwargs in [dict(lr=-1), dict(betas=(0.9, 0.999)), dict(eps=(0.0, 1e-16)), dict(block_size=0),
+                   dict(clip_threshold=0)]:
+        with pytest.raises(ValueError):
+            CAME8bit(p, **kwargs)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        predicted_state_bytes(p, "sgd")
+
+
+# -----------------------------------------------------------------------------
+# FSDP2 and DDP: two gloo processes
+
+
+class Toy(nn.Module):
+    """Uneven shards on 2 ranks: 33 and 7 rows; a matrix, a 1x1 conv, a depthwise 3x3 conv and 1-D params."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(8)
+        self.w1 = nn.Parameter(torch.randn(33, 16, generator=g) * 0.3)
+        self.b1 = nn.Parameter(torch.randn(33, generator=g) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(8, 33, 1, 1, generator=g) * 0.2)
+        self.dw = nn.Parameter(torch.randn(8, 1, 3, 3, generator=g))
+        self.s = nn.Parameter(torch.randn(7, generator=g))
+
+    def forward(self, x):  # x (B, 16)
+        h = torch.tanh(x @ self.w1.T + self.b1)  # (B, 33)
+        z = h @ self.w2.view(8, 33).T * self.dw.sum(dim=(1, 2, 3))  # (B, 8)
+        return z.square().mean() + (self.s * x[:, :7]).sum(dim=1).square().mean()
+
+
+def _distributed_worker(rank, world_size, init_file):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    mesh = init_device_mesh("cpu", (world_size,))
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(9))
+    opt_kw = dict(lr=1e-2, block_size=32, min_8bit_size=64, weight_decay=0.01)  # w1: 528 values, quantized
+    finals = {}
+    for quantize in (False, True):
+        ref, sharded = Toy(), Toy()
+        fully_shard(sharded, mesh=mesh)
+        opt_ref, opt = CAME8bit(ref.parameters(), quantize=quantize, **opt_kw), CAME8bit(
+            sharded.parameters(), quantize=quantize, **opt_kw)
+        for _ in range(4):  # same data on both ranks: the averaged sharded gradient is the unsharded one
+            for model, o in ((ref, opt_ref), (sharded, opt)):
+                o.zero_grad()
+                model(x).backward()
+                o.step()
+        assert ("exp_avg_codes" in opt.state[sharded.w1]) == quantize
+        assert opt.state[sharded.w1]["exp_avg_sq_row"].shape == (17 - rank,)  # this rank's rows only
+        finals[quantize] = (torch.cat([p.detach().flatten() for p in ref.parameters()]),
+                            torch.cat([p.full_tensor().flatten() for p in sharded.parameters()]))
+    (ref32, sharded32), (ref8, sharded8) = finals[False], finals[True]
+    # 32 bits: column sums, row means and the clipping RMS are all-reduced, so this is the unsharded math
+    torch.testing.assert_close(sharded32, ref32, rtol=1e-5, atol=1e-6)
+    # 8 bits: the blocks tile each shard, so boundaries differ; that may change no more than quantizing does
+    quantization = (ref8 - ref32).norm()
+    assert 0 < (sharded8 - ref8).norm() < 2 * quantization, ((sharded8 - ref8).norm(), quantization)
+    # DDP: different data per rank, gradients averaged; every rank ends with the unsharded result
+    xs = [torch.randn(16, 16, generator=torch.Generator().manual_seed(10 + r)) for r in range(world_size)]
+    ref, ddp = Toy(), DistributedDataParallel(Toy())
+    opt_ref, opt = CAME8bit(ref.parameters(), **opt_kw), CAME8bit(ddp.parameters(), **opt_kw)
+    for _ in range(3):
+        opt_ref.zero_grad()
+        opt.zero_grad()
+        (sum(ref(xi) for xi in xs) / world_size).backward()
+        ddp(xs[rank]).backward()
+        opt_ref.step()
+        opt.step()
+    for p, q in zip(ref.parameters(), ddp.module.parameters()):
+        torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-6)
+    dist.destroy_process_group()
+
+
+def test_fsdp2_and_ddp_match_unsharded():
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch without gloo")
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_distributed_worker, args=(2, os.path.join(tmp, "init")), nprocs=2, join=True)
+

@@ -1,0 +1,505 @@
+"""
+Train SANA with rectified flow, the same script from one laptop CPU to torchrun on GPU nodes.
+
+    python train.py config/shapes.py                         # the laptop model on the shapes world
+    torchrun --nproc_per_node 8 train.py config/sana1.5_4.8b_grow.py --grow_from ckpt.pth
+    python train.py config/sana1.5_4.8b_grow.py --dry_run      # memory per GPU, allocates nothing
+
+The objective (SANA Sec. 2, SANA-1.5 Sec. 3.1, official train_scripts/train.py):
+    sigma = shift(sigmoid(N(0, 1)))            logit-normal timesteps, then the flow shift
+    x_t   = (1 - sigma) x0 + sigma noise       x0: latents (or pixels on the laptop)
+    loss  = || model(x_t, 1000 sigma, y) - (noise - x0) ||^2
+with 10% of captions replaced by the empty caption so that classifier-free guidance works at sampling.
+Deviations, on purpose: the timestep stays continuous (official: truncated to an integer) and a dropped
+caption takes the empty caption's own mask (official: keeps the prompt's mask; diffusers' pipeline samples
+with the empty caption's own mask, as we do).
+
+Randomness is a pure function of (seed, step, sample index): the noise, sigma and caption dropout of sample i
+at step s are the same whatever the number of processes or micro-batches, so gradient accumulation equals one
+big batch, 2 processes equal 1, and --resume continues exactly.
+
+Checkpoints: out_dir/ckpt-<step>/ {model.safetensors, ema.safetensors, state.pt}; when all files are written,
+the symlink out_dir/ckpt is switched to it with os.replace, so a kill at any moment leaves out_dir/ckpt whole.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from model import PRESETS, LinearDiT, add_noise, save_model, shift_sigma
+
+# -----------------------------------------------------------------------------
+# defaults: override with a config/*.py file and --key=value (or --key value)
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out/shapes"
+    preset: str = "shapes"  # a model.PRESETS name: the architecture when training from scratch
+    depth: int = 0  # 0: the preset's depth; growing: the target depth
+    grad_checkpointing: bool = False  # recompute blocks in backward (official: on)
+    init_from: str = ""  # fine-tune from a checkpoint (ours, official .pth or diffusers folder)
+    grow_from: str = ""  # grow a smaller checkpoint to `depth` blocks with grow.py (Sec. 2.2)
+    grow_init: str = "partial"  # partial | cyclic | block
+    grow_drop_last: int = 2  # drop the last pretrained blocks before growing (Sec. 2.2)
+    resume: bool = False  # continue from out_dir/ckpt exactly where it stopped
+    # data
+    data: str = "shapes"  # "shapes" or a folder of name.jpg/png + name.txt pairs (see data.py)
+    image_size: int = 32
+    text_encoder: str = ""  # "": what the model expects (config.text_encoder); or a transformers folder
+    # optimisation
+    batch_size: int = 64  # global batch size: micro_batch_size x world size x accumulation steps
+    micro_batch_size: int = 0  # per process and forward pass; 0: batch_size // world size
+    max_steps: int = 2000
+    max_minutes: float = 0.0  # stop (and save) after this much wall time; 0: no limit
+    optimizer: str = "came8bit"  # came8bit | came | adamw
+    lr: float = 1e-4  # official: 1e-4 pre-training, 2e-5 fine-tuning
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 0.1  # official SANA configs clip the global grad norm at 0.1
+    ema_decay: float = 0.0  # 0: no EMA; e.g. 0.999
+    flow_shift: float = 3.0  # official 3.0 at 1024px
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    cfg_dropout: float = 0.1  # probability of the empty caption (classifier-free guidance)
+    dtype: str = "auto"  # auto (bf16 on GPUs that have it) | bfloat16 | float32
+    fsdp: bool = False  # FSDP2: shard every block, then the root (for the 4.8B model)
+    compile: bool = False  # torch.compile (did not pay on CPU: shared/reference/environment.md)
+    seed: int = 0
+    # output
+    log_every: int = 10
+    save_every: int = 500
+    eval_every: int = 0  # shapes world: sample the eval prompts and score them with the checker
+    eval_prompts: int = 0  # 0: the whole eval set, one image per prompt; else the first n per category
+    eval_steps: int = 20
+    eval_cfg: float = 4.5
+    dry_run: bool = False  # print parameters, optimizer bytes and memory per GPU, then exit
+    gpus: int = 1  # --dry_run only: the number of GPUs to estimate for
+    progress: bool = True  # tqdm bar on rank 0
+
+
+def parse_config(argv, cls=TrainConfig):
+    """config files (plain Python assignments) then --key=value / --key value, typed by the dataclass."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values, i = {}, 0
+    if "-h" in argv or "--help" in argv:
+        lines = [f"  --{n}={f.default!r}" for n, f in known.items()]
+        print(f"usage: {sys.argv[0]} [config/X.py ...] [--key=value ...]\noptions (defaults):\n" + "\n".join(lines))
+        raise SystemExit(0)
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                raise SystemExit(f"error: config file '{arg}' not found (configs live in config/*.py)")
+            scope = {}
+            exec(open(arg).read(), {}, scope)
+            pairs = [(k, v) for k, v in scope.items() if not k.startswith("_")]
+        else:
+            key, eq, val = arg[2:].partition("=")
+            if not eq:  # --key value, or a bare --flag for booleans
+                is_flag = key in known and known[key].type in (bool, "bool") and (
+                    i + 1 == len(argv) or argv[i + 1].startswith("--"))
+                val = "True" if is_flag else (argv[i + 1] if i + 1 < len(argv) else "")
+                i += 0 if is_flag else 1
+            pairs = [(key, val)]
+        for key, val in pairs:
+            if key not in known:
+                raise SystemExit(f"error: unknown option '{key}'; known: {', '.join(known)}")
+            values[key] = convert(key, val, known[key].default)
+        i += 1
+    return cls(**values)
+
+
+def convert(key, val, default):
+    if not isinstance(val, str) or isinstance(default, str):
+        return val
+    try:
+        if isinstance(default, bool):
+            if val.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return val.lower() in ("true", "1")
+        return type(default)(val)
+    except ValueError:
+        raise SystemExit(f"error: --{key}={val!r} is not a {type(default).__name__}") from None
+
+
+# -----------------------------------------------------------------------------
+# pieces of the training step
+
+
+def sample_randomness(seed, step, index, shape, cfg):
+    """noise, sigma and the caption-dropout coin of global sample `index` at `step`: a pure function."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 65_537 + index)
+    noise = torch.randn(shape, generator=g)
+    u = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn((), generator=g))  # logit-normal
+    drop = torch.rand((), generator=g) < cfg.cfg_dropout
+    return noise, shift_sigma(u, cfg.flow_shift), drop
+
+
+def flow_loss(model, batch, y_null, mask_null, step, first_index, cfg, autocast):
+    """Rectified-flow MSE of one micro-batch; samples are numbered first_index, first_index + 1, ..."""
+    x0, y, mask = batch["x"], batch["y"], batch["mask"]
+    B = x0.shape[0]
+    rnd = [sample_randomness(cfg.seed, step, first_index + i, x0.shape[1:], cfg) for i in range(B)]
+    noise = torch.stack([r[0] for r in rnd]).to(x0.device)  # (B, C, H, W)
+    sigma = torch.stack([r[1] for r in rnd]).to(x0.device)  # (B,)
+    drop = torch.stack([r[2] for r in rnd]).to(x0.device)  # (B,) bool
+    y = torch.where(drop[:, None, None], y_null.expand_as(y), y)  # empty caption, with its own mask
+    mask = torch.where(drop[:, None], mask_null.expand_as(mask), mask)
+    x_t = add_noise(x0, noise, sigma)
+    with autocast:
+        v = model(x_t, sigma * 1000.0, y, mask)
+    return F.mse_loss(v.float(), noise - x0)
+
+
+def lr_at(step, cfg):
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))  # linear warmup, then constant (official)
+
+
+def make_optimizer(params, cfg):
+    if cfg.optimizer in ("came8bit", "came"):
+        from came8bit import CAME8bit
+        return CAME8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay, quantize=cfg.optimizer == "came8bit")
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-10, weight_decay=cfg.weight_decay)
+    raise SystemExit(f"error: unknown optimizer '{cfg.optimizer}': use came8bit, came or adamw")
+
+
+def build_model(cfg):
+    """From scratch (preset), fine-tune (--init_from) or grow (--grow_from): the raw, unwrapped module."""
+    if cfg.init_from and cfg.grow_from:
+        raise SystemExit("error: give either --init_from or --grow_from, not both")
+    if cfg.grow_from:
+        from grow import grow
+        if cfg.depth <= 0:
+            raise SystemExit("error: --grow_from needs --depth (the grown model's number of blocks)")
+        return grow(load_or_exit(cfg.grow_from), cfg.depth, init=cfg.grow_init, drop_last=cfg.grow_drop_last)
+    if cfg.init_from:
+        return load_or_exit(cfg.init_from)
+    if cfg.preset not in PRESETS:
+        raise SystemExit(f"error: unknown preset '{cfg.preset}'; known: {', '.join(PRESETS)}")
+    mcfg = dataclasses.replace(PRESETS[cfg.preset], depth=cfg.depth or PRESETS[cfg.preset].depth)
+    return LinearDiT(mcfg)
+
+
+def load_or_exit(path):
+    try:
+        return LinearDiT.from_pretrained(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def make_data(cfg, model_cfg):
+    """The shapes world, or a folder of captioned images cached to latents (data.py)."""
+    encoder = cfg.text_encoder or model_cfg.text_encoder
+    if cfg.data == "shapes":
+        from shapes import ShapesData, laptop_text_encoder
+        return ShapesData(cfg.image_size, cfg.seed, laptop_text_encoder(encoder, model_cfg.text_max_length))
+    from data import FolderData
+    return FolderData(cfg.data, encoder, model_cfg.text_max_length)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def full_state_dict(model, cfg):
+    """Full, unsharded weights on CPU (all ranks must call this under FSDP)."""
+    if not cfg.fsdp:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(cfg, raw_model, ema, opt, step, rank, world):
+    """ckpt-<step>/ written in full, then the ckpt symlink swapped atomically, then older ones removed."""
+    sd = full_state_dict(raw_model, cfg)
+    folder = os.path.join(cfg.out_dir, f"ckpt-{step:07d}")
+    if rank == 0:
+        os.makedirs(folder, exist_ok=True)
+    if world > 1:
+        dist.barrier()
+    meta = {"step": step, "train_config": dataclasses.asdict(cfg)}
+    if rank == 0:
+        with torch.device("meta"):
+            shell = LinearDiT(raw_model.config)
+        shell.load_state_dict(sd, assign=True)
+        save_model(shell, os.path.join(folder, "model.safetensors"), **meta)
+        if ema is not None:
+            shell.load_state_dict(dict(zip(sd, ema)), assign=True)
+            save_model(shell, os.path.join(folder, "ema.safetensors"), **meta)
+    # optimizer states are identical on all ranks under DDP; per rank under FSDP (shards)
+    if rank == 0 or cfg.fsdp:
+        state = {"step": step, "optimizer": opt.state_dict(), "rng_cpu": torch.get_rng_state(),
+                 "world_size": world, "train_config": dataclasses.asdict(cfg)}
+        name = f"state_rank{rank}.pt" if cfg.fsdp else "state.pt"
+        tmp = os.path.join(folder, name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, os.path.join(folder, name))
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        link, tmp_link = os.path.join(cfg.out_dir, "ckpt"), os.path.join(cfg.out_dir, f"ckpt.tmp{os.getpid()}")
+        os.symlink(os.path.basename(folder), tmp_link)
+        os.replace(tmp_link, link)  # the atomic switch
+        for old in os.listdir(cfg.out_dir):
+            if old.startswith("ckpt-") and old != os.path.basename(folder):
+                shutil.rmtree(os.path.join(cfg.out_dir, old), ignore_errors=True)
+
+
+def load_training_state(cfg, rank):
+    folder = os.path.join(cfg.out_dir, "ckpt")
+    name = f"state_rank{rank}.pt" if cfg.fsdp else "state.pt"
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+        raise SystemExit(f"error: --resume but no training state at {path}; train without --resume first")
+    return torch.load(path, map_location="cpu", weights_only=True), folder
+
+
+# -----------------------------------------------------------------------------
+# evaluation on the shapes world
+
+
+@torch.no_grad()
+def evaluate_shapes(raw_model, data, cfg, device, step):
+    """Checker score of one sample per eval prompt (Table-2 layout), and a grid PNG."""
+    import shapes
+    from sample import generate
+    prompts = shapes.load_eval_prompts()
+    if cfg.eval_prompts:
+        per = {}
+        prompts = [p for p in prompts if per.setdefault(p.category, []).append(p) or len(per[p.category]) <= cfg.eval_prompts]
+    raw_model.eval()
+    images = []
+    for i in range(0, len(prompts), 128):
+        chunk = prompts[i:i + 128]
+        y, mask = data.encoder([p.text for p in chunk])
+        y_null, mask_null = data.encoder([""])
+        g = torch.Generator().manual_seed(10_000 + i)
+        noise = torch.randn(len(chunk), raw_model.config.in_channels, cfg.image_size, cfg.image_size, generator=g)
+        x = generate(raw_model, y.to(device), mask.to(device), y_null.to(device), mask_null.to(device),
+                     noise.to(device), steps=cfg.eval_steps, cfg=cfg.eval_cfg, shift=cfg.flow_shift, sampler="euler")
+        images.append(x.clamp(-1, 1).cpu())
+    raw_model.train()
+    images = torch.cat(images)
+    result = shapes.evaluate(images, prompts)
+    shapes.save_grid(images[:64], [p.text for p in prompts[:64]], os.path.join(cfg.out_dir, f"samples-{step:07d}.png"))
+    return result
+
+
+# -----------------------------------------------------------------------------
+# the script
+
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE; gloo on CPU, nccl on GPU. Returns (rank, local_rank, world, device)."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return rank, local, world, torch.device("cuda", local)
+    dist.init_process_group("gloo")
+    return rank, local, world, torch.device("cpu")
+
+
+def train(cfg):
+    """Run training; returns {"step", "losses": [(step, loss)], "eval": last eval result or None}."""
+    rank, _, world, device = setup_distributed()
+    print0 = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    if cfg.batch_size % world:
+        raise SystemExit(f"error: batch_size {cfg.batch_size} is not divisible by the world size {world}")
+    micro = cfg.micro_batch_size or cfg.batch_size // world
+    if (cfg.batch_size // world) % micro:
+        raise SystemExit(f"error: batch_size/world = {cfg.batch_size // world} is not a multiple of micro_batch_size {micro}")
+    accum = cfg.batch_size // world // micro  # gradient accumulation steps, derived
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    if cfg.fsdp and cfg.ema_decay:
+        raise SystemExit("error: EMA with FSDP is not supported (as in the official code); set --ema_decay=0")
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    step = 0
+    if cfg.resume:
+        state, folder = load_training_state(cfg, rank)
+        raw_model = load_or_exit(os.path.join(folder, "model.safetensors"))
+        step = state["step"]
+    else:
+        raw_model = build_model(cfg)
+    raw_model.config.grad_checkpointing = cfg.grad_checkpointing
+    raw_model.to(device)
+    ema = [p.detach().clone().float() for p in raw_model.state_dict().values()] if cfg.ema_decay else None
+    if cfg.resume and ema is not None:
+        ema_path = os.path.join(folder, "ema.safetensors")
+        if os.path.exists(ema_path):
+            ema = [t.to(device).float() for t in LinearDiT.from_pretrained(ema_path).state_dict().values()]
+
+    model = raw_model
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for block in raw_model.blocks:
+            fully_shard(block)
+        fully_shard(raw_model)
+    elif world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    opt = make_optimizer(raw_model.parameters(), cfg)
+    if cfg.resume:
+        if state["world_size"] != world and cfg.fsdp:
+            raise SystemExit(f"error: FSDP optimizer state was saved with {state['world_size']} processes; resume with the same number")
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_cpu"])
+
+    data = make_data(cfg, raw_model.config)
+    y_null, mask_null = (t.to(device) for t in data.encoder([""]))
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    print0(f"model: {n_params / 1e6:.2f}M parameters, depth {raw_model.config.depth}; world {world}, "
+           f"micro-batch {micro} x accumulation {accum} = global batch {cfg.batch_size}; bf16 {use_bf16}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=rank != 0 or not cfg.progress, dynamic_ncols=True)
+    losses, result, t0, t_log, step_log = [], None, time.time(), time.time(), step
+
+    while step < cfg.max_steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        loss_sum = torch.zeros((), device=device)
+        for m in range(accum):
+            shard = rank * accum + m  # this micro-batch's slice of the global batch
+            batch = {k: v.to(device) if torch.is_tensor(v) else v
+                     for k, v in data.get_batch(step, cfg.batch_size, shard, world * accum).items()}
+            sync = m == accum - 1
+            ctx = model.no_sync() if (world > 1 and not cfg.fsdp and not sync) else nullcontext()
+            if cfg.fsdp:
+                model.set_requires_gradient_sync(sync)
+            with ctx:
+                loss = flow_loss(model, batch, y_null, mask_null, step, shard * micro, cfg, autocast) / accum
+                loss.backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            torch._foreach_lerp_(ema, [p.detach().float() for p in raw_model.state_dict().values()], 1 - cfg.ema_decay)
+        step += 1
+        bar.update(1)
+
+        last = step == cfg.max_steps or (cfg.max_minutes > 0 and time.time() - t0 > 60 * cfg.max_minutes)
+        if world > 1 and cfg.max_minutes > 0:  # every rank must agree to stop
+            flag = torch.tensor(float(last), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            last = bool(flag.item())
+        if step % cfg.log_every == 0 or last:
+            if world > 1:
+                dist.all_reduce(loss_sum)
+                loss_sum /= world
+            loss_val = loss_sum.item()
+            if not math.isfinite(loss_val):
+                raise SystemExit(f"error: loss is {loss_val} at step {step}; stopped. The last good checkpoint "
+                                 f"is {os.path.join(cfg.out_dir, 'ckpt')}. Lower --lr or use --dtype=float32.")
+            now = time.time()
+            rate = (step - step_log) / (now - t_log)
+            t_log, step_log = now, step
+            losses.append((step, loss_val))
+            bar.set_postfix(loss=f"{loss_val:.4f}", img_s=f"{rate * cfg.batch_size:.0f}")
+            if log:
+                log.write(json.dumps({"step": step, "loss": loss_val, "lr": lr_at(step - 1, cfg), "steps_per_s": rate,
+                                      "img_per_s": rate * cfg.batch_size, "minutes": (now - t0) / 60}) + "\n")
+                log.flush()
+        if cfg.eval_every and (step % cfg.eval_every == 0 or last) and cfg.data == "shapes":
+            if rank == 0:
+                result = evaluate_shapes(raw_model, data, cfg, device, step)
+                print0(f"\nstep {step}: checker overall {result['overall']:.3f} " +
+                       " ".join(f"{k} {v:.2f}" for k, v in result.items() if k != "overall"))
+                log.write(json.dumps({"step": step, "eval": result, "minutes": (time.time() - t0) / 60}) + "\n")
+                log.flush()
+            if world > 1:
+                dist.barrier()
+        if step % cfg.save_every == 0 or last:
+            save_checkpoint(cfg, raw_model, ema, opt, step, rank, world)
+        if last:
+            break
+    bar.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return {"step": step, "losses": losses, "eval": result, "minutes": (time.time() - t0) / 60}
+
+
+# -----------------------------------------------------------------------------
+# --dry_run: memory per GPU without allocating the model
+
+
+def saved_activation_bytes(mcfg, depth, batch, tokens_hw):
+    """Bytes autograd saves for backward in one forward (fp32), counted on the meta device."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+    with torch.device("meta"):
+        model = LinearDiT(dataclasses.replace(mcfg, depth=depth, grad_checkpointing=False))
+        x = torch.randn(batch, mcfg.in_channels, tokens_hw * mcfg.patch_size, tokens_hw * mcfg.patch_size)
+        y = torch.randn(batch, mcfg.text_max_length, mcfg.caption_channels)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x, torch.rand(batch), y, torch.ones(batch, mcfg.text_max_length))
+    return total[0]
+
+
+def dry_run(cfg):
+    """Parameters, optimizer-state bytes and an estimate of memory per GPU for this preset and parallelism."""
+    from came8bit import predicted_state_bytes
+    if cfg.preset not in PRESETS:
+        raise SystemExit(f"error: unknown preset '{cfg.preset}'; known: {', '.join(PRESETS)}")
+    mcfg = dataclasses.replace(PRESETS[cfg.preset], depth=cfg.depth or PRESETS[cfg.preset].depth)  # the architecture
+    with torch.device("meta"):
+        model = LinearDiT(mcfg)
+    params = list(model.parameters())
+    P = sum(p.numel() for p in params)
+    gpus = cfg.gpus
+    micro = cfg.micro_batch_size or cfg.batch_size // gpus
+    hw = cfg.image_size // (32 if mcfg.vae else 1) // mcfg.patch_size  # tokens per side
+    # activations per sample and block: differences of meta-device counts cancel weights and non-block parts
+    s = {(d, b): saved_activation_bytes(mcfg, d, b, hw) for d in (1, 2) for b in (1, 2)}
+    per_block = (s[2, 2] - s[2, 1]) - (s[1, 2] - s[1, 1])
+    rest = (s[1, 2] - s[1, 1]) - per_block
+    bf16 = cfg.dtype in ("auto", "bfloat16")
+    scale = 0.5 if bf16 else 1.0  # bf16 autocast halves most saved activations (fp32 islands excepted)
+    block_in = hw * hw * mcfg.hidden_size * 4 * scale  # per sample: what checkpointing keeps per block
+    acts = micro * scale * ((per_block + rest) if cfg.grad_checkpointing else (per_block * mcfg.depth + rest))
+    acts += micro * block_in * mcfg.depth if cfg.grad_checkpointing else 0
+    shard = gpus if cfg.fsdp else 1
+    rows = []
+    for name in ("came8bit", "came", "adamw"):
+        opt = predicted_state_bytes(params, optimizer=name)
+        total = (4 * P + 4 * P + opt) / shard + acts  # fp32 weights + fp32 grads + optimizer state, + activations
+        rows.append((name, opt, total))
+    print(f"preset {cfg.preset}: depth {mcfg.depth}, width {mcfg.hidden_size}, "
+          f"{P / 1e9:.3f}B parameters; {gpus} GPU(s), {'FSDP' if cfg.fsdp else 'DDP'}, micro-batch {micro}, "
+          f"{hw}x{hw} tokens, {'bf16' if bf16 else 'fp32'}, grad checkpointing {cfg.grad_checkpointing}")
+    print(f"activations per GPU (estimate from meta-device saved tensors): {acts / 2**30:.2f} GiB")
+    print(f"{'optimizer':10s} {'state GiB':>10s} {'B/param':>8s} {'memory per GPU GiB':>20s}")
+    for name, opt, total in rows:
+        print(f"{name:10s} {opt / 2**30:10.2f} {opt / P:8.2f} {total / 2**30:20.2f}")
+    return rows
+
+
+if __name__ == "__main__":
+    cfg = parse_config(sys.argv[1:])
+    if cfg.dry_run:
+        dry_run(cfg)
+    else:
+        train(cfg)
