@@ -352,7 +352,7 @@ PRESETS = {
     "sana1.5-1.6b": DiTConfig(hidden_size=2240, depth=20, cross_heads=20, qk_norm=True),
     "sana1.5-4.8b": DiTConfig(hidden_size=2240, depth=60, cross_heads=20, qk_norm=True),
     # laptop: pixel space (see README, "The shapes world"), MiniLM text states (384-d)
-    "shapes": DiTConfig(in_channels=3, patch_size=4, hidden_size=192, depth=6, cross_heads=6,
+    "shapes": DiTConfig(in_channels=3, patch_size=4, hidden_size=128, depth=6, cross_heads=4,
                         caption_channels=384, qk_norm=True, text_encoder="minilm", text_max_length=16, vae=""),
     "shapes-tiny": DiTConfig(in_channels=3, patch_size=8, hidden_size=64, depth=2, cross_heads=2,  # tests
                              caption_channels=384, qk_norm=True, text_encoder="minilm", text_max_length=16, vae=""),

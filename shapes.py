@@ -755,6 +755,10 @@ class ShapesData:
             batch["y"], batch["mask"] = self.encoder(batch["prompts"])  # (B, L, D), (B, L)
         return batch
 
+    def null(self):
+        """The empty caption's states: classifier-free guidance's unconditional input."""
+        return self.encoder([""])
+
     def batches(self, batch_size, start_step=0, rank=0, world_size=1):
         """The infinite stream from start_step on (resume passes the step it stopped at)."""
         step = start_step

@@ -206,7 +206,7 @@ def make_data(cfg, model_cfg):
         from shapes import ShapesData, laptop_text_encoder
         return ShapesData(cfg.image_size, cfg.seed, laptop_text_encoder(encoder, model_cfg.text_max_length))
     from data import FolderData
-    return FolderData(cfg.data, encoder, model_cfg.text_max_length)
+    return FolderData(cfg.data, encoder, model_cfg.text_max_length, seed=cfg.seed)
 
 
 # -----------------------------------------------------------------------------
@@ -284,7 +284,7 @@ def evaluate_shapes(raw_model, data, cfg, device, step):
     for i in range(0, len(prompts), 128):
         chunk = prompts[i:i + 128]
         y, mask = data.encoder([p.text for p in chunk])
-        y_null, mask_null = data.encoder([""])
+        y_null, mask_null = data.null()
         g = torch.Generator().manual_seed(10_000 + i)
         noise = torch.randn(len(chunk), raw_model.config.in_channels, cfg.image_size, cfg.image_size, generator=g)
         x = generate(raw_model, y.to(device), mask.to(device), y_null.to(device), mask_null.to(device),
@@ -363,7 +363,7 @@ def train(cfg):
         torch.set_rng_state(state["rng_cpu"])
 
     data = make_data(cfg, raw_model.config)
-    y_null, mask_null = (t.to(device) for t in data.encoder([""]))
+    y_null, mask_null = (t.to(device) for t in data.null())  # the empty caption, for CFG dropout
     n_params = sum(p.numel() for p in raw_model.parameters())
     print0(f"model: {n_params / 1e6:.2f}M parameters, depth {raw_model.config.depth}; world {world}, "
            f"micro-batch {micro} x accumulation {accum} = global batch {cfg.batch_size}; bf16 {use_bf16}")

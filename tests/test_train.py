@@ -33,7 +33,7 @@ def test_loss_falls_on_a_fixed_batch(tmp_path):
     model = build_model(cfg)
     data = make_data(cfg, model.config)
     batch = data.get_batch(0, 16)
-    y_null, mask_null = data.encoder([""])
+    y_null, mask_null = data.null()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(40):

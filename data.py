@@ -1,0 +1,141 @@
+"""
+Real data for train.py: a folder of captioned images, encoded once to DC-AE latents and text states.
+
+    python data.py --folder my_images --vae mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers \
+        --text_encoder Efficient-Large-Model/gemma-2-2b-it --size 1024
+    torchrun --nproc_per_node 8 train.py config/sana1.6b_finetune.py --init_from ... --data my_images
+
+The folder holds pairs name.jpg|png + name.txt. Each image is resized to cover size x size (bicubic),
+center-cropped, mapped to [-1, 1] and encoded by the DC-AE encoder: latent = encoder(image) * scaling_factor,
+deterministically, as the official code does. Each caption goes through the text encoder with SANA's
+instruction prefix (Gemma-2), and only its real tokens are kept. Everything lands in
+folder/.nanosana_cache/shard_*.safetensors, so training never runs the autoencoder or Gemma (the official
+advice for large images, NVlabs/Sana#270). Simplification: one square size, no aspect-ratio buckets.
+"""
+
+import argparse
+import glob
+import json
+import os
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from model import GEMMA_CHI, DCAEEncoder, TextEncoder, atomic_save_file
+
+CACHE = ".nanosana_cache"
+SHARD = 256  # items per cache file
+
+
+def list_pairs(folder):
+    """Sorted (image path, caption) pairs; a one-line error if there are none or a caption is missing."""
+    if not os.path.isdir(folder):
+        raise SystemExit(f"error: data folder {folder} not found")
+    images = sorted(p for ext in ("jpg", "jpeg", "png", "webp") for p in glob.glob(os.path.join(folder, f"*.{ext}")))
+    if not images:
+        raise SystemExit(f"error: {folder} holds no .jpg/.png images (expected name.jpg + name.txt pairs)")
+    pairs = []
+    for p in images:
+        txt = os.path.splitext(p)[0] + ".txt"
+        if not os.path.isfile(txt):
+            raise SystemExit(f"error: {p} has no caption file {txt}")
+        pairs.append((p, open(txt, encoding="utf-8").read().strip()))
+    return pairs
+
+
+def load_image(path, size):
+    """-> float (3, size, size) in [-1, 1]: resize to cover, center crop."""
+    from PIL import Image
+    im = Image.open(path).convert("RGB")
+    s = size / min(im.size)
+    im = im.resize((max(size, round(im.width * s)), max(size, round(im.height * s))), Image.BICUBIC)
+    left, top = (im.width - size) // 2, (im.height - size) // 2
+    a = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.float32)
+    return torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1
+
+
+@torch.no_grad()
+def build_cache(folder, vae, text_encoder, size=1024, max_length=300, device="cpu", batch_size=8):
+    """Encode every pair once into shards; existing shards are kept (rerun after adding images: delete the cache)."""
+    pairs = list_pairs(folder)
+    out = os.path.join(folder, CACHE)
+    os.makedirs(out, exist_ok=True)
+    enc = DCAEEncoder.from_pretrained(vae).to(device).eval()
+    chi = GEMMA_CHI if "gemma" in text_encoder.lower() else None
+    text = TextEncoder(text_encoder, max_length=max_length, chi_prompt=chi, device=device)
+    for s in range(0, len(pairs), SHARD):
+        path = os.path.join(out, f"shard_{s // SHARD:05d}.safetensors")
+        if os.path.exists(path):
+            continue
+        tensors = {}
+        for b in range(s, min(s + SHARD, len(pairs)), batch_size):
+            chunk = pairs[b:b + batch_size]
+            x = torch.stack([load_image(p, size) for p, _ in chunk]).to(device)
+            z = enc(x) * enc.scaling_factor  # (b, 32, size/32, size/32)
+            y, mask = text([c for _, c in chunk])  # (b, L, D), (b, L)
+            for i, (zi, yi, mi) in enumerate(zip(z, y, mask)):
+                n = int(mi.sum())  # right padding: the real tokens come first
+                tensors[f"{b + i}.latent"] = zi.float().cpu()
+                tensors[f"{b + i}.text"] = yi[:n].to(torch.bfloat16).cpu()  # bf16 halves the cache
+        atomic_save_file(tensors, path)
+    null_y, null_mask = text.null()
+    meta = {"n": len(pairs), "size": size, "vae": vae, "text_encoder": text_encoder, "max_length": max_length,
+            "text_dim": text.dim}
+    atomic_save_file({"null.text": null_y[0, :int(null_mask.sum())].to(torch.bfloat16).cpu()},
+                     os.path.join(out, "null.safetensors"), {"meta": json.dumps(meta)})
+    return meta
+
+
+class FolderData:
+    """Cached latents + text states. get_batch(step, B, rank, W): rows [rank*B/W, (rank+1)*B/W) of the global
+    batch of `step`, drawn from a permutation per epoch (seeded), so resume and any world size agree."""
+
+    def __init__(self, folder, encoder="", max_length=300, seed=0):
+        cache = os.path.join(folder, CACHE)
+        null = os.path.join(cache, "null.safetensors")
+        if not os.path.exists(null):
+            raise SystemExit(f"error: {folder} is not encoded yet; run: python data.py --folder {folder} "
+                             f"--vae <dc-ae> --text_encoder <gemma-2-2b-it>")
+        from safetensors import safe_open
+        with safe_open(null, "pt") as f:
+            self.meta = json.loads(f.metadata()["meta"])
+        self.items = {}
+        for path in sorted(glob.glob(os.path.join(cache, "shard_*.safetensors"))):
+            self.items.update(load_file(path))
+        self.n, self.max_length, self.seed = self.meta["n"], max_length, seed
+        self.null_text = load_file(null)["null.text"]
+
+    def _pad(self, texts):
+        L = self.max_length
+        y = torch.zeros(len(texts), L, self.meta["text_dim"])
+        mask = torch.zeros(len(texts), L, dtype=torch.long)
+        for i, t in enumerate(texts):
+            y[i, :len(t)], mask[i, :len(t)] = t.float(), 1
+        return y, mask  # (B, L, D), (B, L)
+
+    def null(self):
+        return self._pad([self.null_text])
+
+    def get_batch(self, step, batch_size, rank=0, world_size=1):
+        first = step * batch_size
+        idx = []
+        for g in range(first + rank * batch_size // world_size, first + (rank + 1) * batch_size // world_size):
+            epoch, pos = divmod(g, self.n)
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            idx.append(int(perm[pos]))
+        y, mask = self._pad([self.items[f"{i}.text"] for i in idx])
+        x = torch.stack([self.items[f"{i}.latent"] for i in idx])
+        return {"x": x, "y": y, "mask": mask, "prompts": [str(i) for i in idx]}
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Encode a folder of name.jpg + name.txt pairs for train.py --data")
+    ap.add_argument("--folder", required=True)
+    ap.add_argument("--vae", required=True, help="a DC-AE folder (diffusers AutoencoderDC) or our .safetensors")
+    ap.add_argument("--text_encoder", required=True, help="a transformers folder (Gemma-2-2B-IT at real scale)")
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--max_length", type=int, default=300)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args()
+    print(build_cache(a.folder, a.vae, a.text_encoder, a.size, a.max_length, a.device))
