@@ -59,6 +59,7 @@ class DiTConfig:
     text_encoder: str = "google/gemma-2-2b-it"  # which text states this model was trained on
     vae: str = "mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers"  # its autoencoder; "" = pixel space
     text_max_length: int = 300
+    y_norm_init: float = 0.01  # official: the caption RMSNorm's weight starts at 0.01 (y_norm_scale_factor)
 
     @property
     def mlp_hidden(self):
@@ -291,7 +292,7 @@ class LinearDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(D)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))  # adaLN-single: shared by all blocks
         self.y_embedder = CaptionEmbedder(cfg)
-        self.attention_y_norm = RMSNorm(D, eps=1e-5, init=0.01)  # official y_norm, weight starts at 0.01
+        self.attention_y_norm = RMSNorm(D, eps=1e-5, init=cfg.y_norm_init)  # official y_norm
         self.blocks = nn.ModuleList([SanaBlock(cfg) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(cfg)
         self.initialize_weights()
