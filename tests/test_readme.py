@@ -1,0 +1,41 @@
+"""Every command of the README's laptop quick start runs (with tiny settings), as printed."""
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme_commands(section):
+    """The `python ...` lines of the bash blocks under the README heading `section`."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    lines = [l.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", body, re.S) for l in block.splitlines()]
+    return [l for l in lines if l.startswith("python ")]
+
+
+def tiny(cmd, tmp):
+    """The same command, pointed at tmp and shrunk: a 2-step run of the tiny preset instead of 10 minutes."""
+    args = shlex.split(cmd)[1:]
+    args = [a.replace("out/shapes/", f"{tmp}/shapes/") for a in args]
+    script = args[0]
+    if script == "train.py":
+        args += [f"--out_dir={tmp}/shapes", "--preset=shapes-tiny", "--max_steps=2", "--max_minutes=0",
+                 "--batch_size=4", "--eval_every=0", "--progress=False"]
+    elif script == "sample.py":
+        args += ["--steps", "2", "--out", f"{tmp}/samples", "--no_progress"]
+    elif script == "shapes.py":
+        args += ["--out", f"{tmp}/grid.png"]
+    return [sys.executable, *args]
+
+
+def test_quick_start_commands_run(tmp_path):
+    cmds = readme_commands("On a laptop: the shapes world")
+    assert any(c.startswith("python train.py") for c in cmds) and any(c.startswith("python sample.py") for c in cmds)
+    for cmd in cmds:
+        r = subprocess.run(tiny(cmd, tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=600,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert r.returncode == 0, f"{cmd}\n{r.stderr[-2000:]}"
+    assert os.path.exists(tmp_path / "samples" / "grid.png") and os.path.exists(tmp_path / "grid.png")
