@@ -354,7 +354,8 @@ PRESETS = {
     "sana1.5-4.8b": DiTConfig(hidden_size=2240, depth=60, cross_heads=20, qk_norm=True),
     # laptop: pixel space (see README, "The shapes world"), MiniLM text states (384-d)
     "shapes": DiTConfig(in_channels=3, patch_size=4, hidden_size=128, depth=6, cross_heads=4,
-                        caption_channels=384, qk_norm=True, text_encoder="minilm", text_max_length=16, vae=""),
+                        caption_channels=384, qk_norm=True, text_encoder="minilm", text_max_length=16, vae="",
+                        y_norm_init=1.0),  # at 0.01 the caption norm collapsed to 0.005 in 500 steps (NOTES.md)
     "shapes-tiny": DiTConfig(in_channels=3, patch_size=8, hidden_size=64, depth=2, cross_heads=2,  # tests
                              caption_channels=384, qk_norm=True, text_encoder="minilm", text_max_length=16, vae=""),
 }
