@@ -458,8 +458,8 @@ def near_pairs(prompts, captions):
 
 
 def caption_weights(labels, pairs):
-    """Balanced BCE weights per caption: (C,) for its yes pairs and for its no pairs, so that for every
-    caption its yes and no answers weigh the same, whatever its yes-rate among `pairs` (N, C) 0/1."""
+    """Balanced BCE weights per caption, (C,) for its yes pairs and (C,) for its no pairs: for every caption
+    its yes and its no answers weigh the same, whatever its yes-rate among `pairs` (N, C) 0/1."""
     rate = ((labels * pairs).sum(0) / pairs.sum(0).clamp(min=1)).clamp(1e-3, 1 - 1e-3)  # (C,)
     return 0.5 / rate, 0.5 / (1 - rate)
 
@@ -467,11 +467,12 @@ def caption_weights(labels, pairs):
 def train_judge(images, captions, labels, near=None, config=None, encoder=None, steps=1200, batch_size=64,
                 lr=1e-3, warmup=0.03, seed=0, device="cpu", log_every=100):
     """Each step: batch_size images, each asked about every caption; labels (N, C) bool from pair_labels.
-    near (N, C) bool, optional: the near misses of each image (captions of its prompt's category, see
-    near_pairs). Most of the C captions are easy no's (another count, another category), so the near pairs get
-    a second, equal share of the loss, or the few hard no's drown. Both shares are BCE balanced per caption
-    (caption_weights). Adam, linear warmup over `warmup` of the steps, then cosine to zero (App. B).
-    Returns (judge, loss per step)."""
+    The loss has two equal shares, both BCE balanced per caption (caption_weights):
+    - all pairs, each of GenEval's six categories weighing the same (color_attr has most of the captions);
+    - each image's near misses, near (N, C) bool (near_pairs: the captions of its prompt's category),
+      averaged per image. Most captions are easy no's (another count, another category); without this share
+      the few hard no's drown.
+    Adam, linear warmup over `warmup` of the steps, then cosine to zero (App. B). Returns (judge, losses)."""
     labels = torch.as_tensor(np.asarray(labels, dtype=np.float32))  # (N, C) 1 = yes
     near = torch.ones_like(labels) if near is None else torch.as_tensor(np.asarray(near, dtype=np.float32))
     if labels.shape != (len(images), len(captions)) or near.shape != labels.shape:
@@ -483,7 +484,9 @@ def train_judge(images, captions, labels, near=None, config=None, encoder=None, 
     judge = SavilaTiny(config, encoder, device)
     x = to_unit(images, judge.config.image_size)  # (N, 3, H, W)
     y, mask = (t.to(device) for t in judge.captions(captions))  # (C, L, Dt), (C, L): each caption encoded once
-    w_all = [w.to(device) for w in caption_weights(labels, torch.ones_like(labels))]  # 2 x (C,)
+    cats = np.array([shapes.as_prompt(c).category for c in captions])
+    per_cat = torch.tensor([1 / (len(set(cats)) * (cats == c).sum()) for c in cats]) * len(cats)  # (C,) mean 1
+    w_all = [(w * per_cat).to(device) for w in caption_weights(labels, torch.ones_like(labels))]  # 2 x (C,)
     w_near = [w.to(device) for w in caption_weights(labels, near)]  # 2 x (C,)
     warm = max(1, round(warmup * steps))
     schedule = lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
@@ -501,7 +504,7 @@ def train_judge(images, captions, labels, near=None, config=None, encoder=None, 
         target, nb = labels[b].to(device), near[b].to(device)  # (B, C)
         bce = F.binary_cross_entropy_with_logits(z.float(), target, reduction="none")  # (B, C)
         loss = ((bce * torch.where(target > 0, *w_all)).mean()
-                + (bce * torch.where(target > 0, *w_near) * nb).sum() / nb.sum().clamp(min=1))
+                + ((bce * torch.where(target > 0, *w_near) * nb).sum(1) / nb.sum(1).clamp(min=1)).mean())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,0 +1,369 @@
+"""savila.py: the tournament against hand-made answers and an independent rule, the VLM judge on a tiny random
+LLaVA against transformers' own generate(), the NVILA adapter on a stub, SaVILA-tiny training and save/load,
+and one-line errors for bad input."""
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import savila
+import shapes
+
+YES, NO = True, False
+TINY = dict(channels=4, width=16, hidden=16)  # a net that trains in well under a second
+
+# -----------------------------------------------------------------------------
+# the tournament
+
+
+def test_yes_beats_no_whatever_the_confidence():
+    assert savila.tournament([(NO, -0.001), (YES, -9.0)]) == [1]
+    assert savila.tournament([(YES, -9.0), (NO, -0.001)]) == [0]
+
+
+def test_both_yes_higher_confidence_wins_both_no_lower_confidence_wins():
+    assert savila.tournament([(YES, -0.5), (YES, -0.1)]) == [1]
+    assert savila.tournament([(YES, -0.1), (YES, -0.5)]) == [0]
+    assert savila.tournament([(NO, -0.1), (NO, -2.0)]) == [1]  # the less sure "no" is the better image
+    assert savila.tournament([(NO, -2.0), (NO, -0.1)]) == [0]
+
+
+def test_ties_go_to_the_earlier_candidate():
+    assert savila.tournament([(YES, -0.3), (YES, -0.3)]) == [0]
+    assert savila.tournament([(NO, -1.0), (NO, -1.0)]) == [0]
+
+
+def test_rounds_pair_adjacent_candidates():
+    # 0 beats 1, 3 beats 2, then 3 beats 0: a global argmax would pick 3 too, so check the bracket itself
+    answers = [(YES, -0.2), (NO, -0.1), (YES, -0.3), (YES, -0.1)]
+    kept, bracket = savila.tournament(answers, return_bracket=True)
+    assert kept == [3]
+    assert bracket == [[(0, 1, 0), (2, 3, 3)], [(0, 3, 3)]]
+    text = savila.format_bracket(bracket, answers)
+    assert text.splitlines()[0].startswith("round 1: 0 (yes -0.200) > 1 (no -0.100)")
+
+
+def test_odd_count_gives_the_last_candidate_a_bye():
+    answers = [(NO, -0.1), (NO, -0.2), (NO, -0.3), (NO, -0.4), (YES, -0.5)]
+    kept, bracket = savila.tournament(answers, return_bracket=True)
+    assert bracket[0][-1] == (4, None, 4)  # the bye
+    assert kept == [4]
+    assert [len(r) for r in bracket] == [3, 2, 1]  # 5 -> 3 -> 2 -> 1
+
+
+def test_keep_more_than_one():
+    answers = [(YES, -0.1 * i) for i in range(8)]  # the earlier, the surer
+    assert savila.tournament(answers, keep=4) == [0, 2, 4, 6]  # one winner per adjacent pair
+    assert savila.tournament(answers, keep=2) == [0, 4]
+    assert savila.tournament(answers, keep=3) == [0, 4, 6]  # 8 -> 4, then one match (0 v 2), 4 and 6 pass
+
+
+def test_keep_at_least_n_returns_everyone():
+    answers = [(NO, -0.1), (YES, -0.2), (NO, -0.3)]
+    assert savila.tournament(answers, keep=3, return_bracket=True) == ([0, 1, 2], [])
+    assert savila.tournament(answers, keep=10) == [0, 1, 2]
+
+
+def answers_from_logits(z):
+    z = torch.as_tensor(z)
+    return list(zip((z > 0).tolist(), torch.where(z > 0, F.logsigmoid(z), F.logsigmoid(-z)).tolist()))
+
+
+def test_with_a_single_score_the_tournament_finds_the_best_of_each_block():
+    # Independent rule: when yes/no and the confidences come from one logit z (as SaVILA-tiny's), the rule is
+    # "higher z wins", so the kept candidates are the first argmax of z in each block of N/K adjacent ones.
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n_log, k_log = rng.integers(0, 6), rng.integers(0, 3)
+        n, keep = 2 ** n_log, 2 ** min(k_log, n_log)
+        z = np.round(rng.normal(size=n), 1)  # rounding makes ties
+        blocks = z.reshape(keep, n // keep)
+        expect = [b * (n // keep) + int(np.argmax(blocks[b])) for b in range(keep)]
+        assert savila.tournament(answers_from_logits(z), keep=keep) == expect
+    for n in range(1, 40):  # any N, keep 1: the first argmax, byes or not
+        z = np.round(rng.normal(size=n), 1)
+        assert savila.tournament(answers_from_logits(z)) == [int(np.argmax(z))]
+
+
+def test_a_judge_is_called_once_on_all_candidates():
+    calls = []
+
+    def judge(images, prompt):
+        calls.append((list(images), prompt))
+        return [(YES, -float(i)) for i in images]
+
+    assert savila.tournament(judge, keep=1, candidates=[3, 1, 2, 0], prompt="p") == [3]
+    assert calls == [([3, 1, 2, 0], "p")]
+
+
+@pytest.mark.parametrize("keep", [0, -1, 1.5, None])
+def test_bad_keep_is_one_line_error(keep):
+    with pytest.raises(ValueError, match="keep must be a positive int"):
+        savila.tournament([(YES, -0.1)], keep=keep)
+
+
+@pytest.mark.parametrize("answers", [[(YES,)], [None], [(YES, "sure")], [(YES, float("nan"))], []])
+def test_bad_answers_are_one_line_errors(answers):
+    with pytest.raises(ValueError):
+        savila.tournament(answers)
+
+
+# -----------------------------------------------------------------------------
+# the VLM judge on a tiny random LLaVA, built offline
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+
+    words = sorted(set(savila.QUESTION.replace("{prompt}", "").lower().replace("'", " ' ").replace(".", " . ")
+                       .replace(":", " : ").replace(",", " , ").split()) | {"photo", "of", "red", "circle", "user"})
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<image>"] + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                        unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    template = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                "<image>{{ '\\n' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}{{ '\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}assistant: {% endif %}")
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                                pad_token_id=0, eos_token_id=1, bos_token_id=2),
+        image_token_index=vocab["<image>"], vision_feature_select_strategy="default", vision_feature_layer=-1)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # only "yes" and "no" can win the first answer token, and which one depends on the image
+        head = model.lm_head.weight
+        r = torch.randn(head.shape[1])
+        head.zero_()
+        head[vocab["yes"]], head[vocab["no"]] = 10 * r, -10 * r
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=template)
+    folder = tmp_path_factory.mktemp("llava")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder, vocab
+
+
+def pil_images(n, seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_vlm_judge_matches_transformers_generate(tiny_llava):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder, vocab = tiny_llava
+    judge = savila.VLMJudge(str(folder), batch_size=2)  # 5 images: batches of 2, 2 and 1
+    images, prompt = pil_images(5), "a photo of a red circle"
+    answers = judge(images, prompt)
+    assert judge.yes_id == vocab["yes"] and judge.no_id == vocab["no"]
+    assert len(answers) == 5 and all(isinstance(y, bool) and isinstance(c, float) for y, c in answers)
+    # reference: transformers' own greedy generation, one image at a time, its first-step scores
+    processor, model = AutoProcessor.from_pretrained(folder), AutoModelForImageTextToText.from_pretrained(folder)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": savila.question(prompt)}]}]
+    text = processor.apply_chat_template(chat, add_generation_prompt=True)
+    assert "The given prompt is:a photo of a red circle. Please" in savila.question(prompt)
+    for image, (yes, conf) in zip(images, answers):
+        out = model.generate(**processor(images=[image], text=[text], return_tensors="pt"), max_new_tokens=1,
+                             do_sample=False, output_scores=True, return_dict_in_generate=True)
+        first = int(out.sequences[0, -1])
+        assert first in (vocab["yes"], vocab["no"])
+        assert yes == (first == vocab["yes"])
+        logp = out.scores[0][0].log_softmax(-1)
+        assert conf == pytest.approx(float(logp[first]), abs=1e-4)
+        assert conf >= float(logp[vocab["no"] if yes else vocab["yes"]])  # the answer given is the likelier one
+    kept = savila.tournament(judge, keep=2, candidates=images, prompt=prompt)
+    assert len(kept) == 2 and kept == sorted(kept)
+
+
+def test_vlm_judge_missing_model_is_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="no judge model"):
+        savila.VLMJudge(str(tmp_path / "nothing"))
+
+
+def test_nvila_adapter_reads_answer_and_first_step_scores():
+    class Tok:
+        def encode(self, word, add_special_tokens=True):
+            assert not add_special_tokens
+            return {"yes": [7, 1], "no": [3, 1]}[word]  # only the first token counts
+
+    class Verifier:  # stands in for the remote-code model's generate_content
+        tokenizer = Tok()
+        asked = []
+
+        def generate_content(self, content):
+            image, text = content
+            self.asked.append(text)
+            scores = torch.zeros(1, 10)
+            scores[0, 7], scores[0, 3] = image, -image
+            return ("yes" if image > 0 else "no"), (scores, torch.zeros(1, 10))
+
+    v = Verifier()
+    answers = savila.NvilaJudge(v)([2.0, -1.0], "a photo of a red circle")
+    assert v.asked == [savila.question("a photo of a red circle")] * 2
+    logp = lambda s: float(torch.tensor([s, -s] + [0.0] * 8).log_softmax(0)[0])
+    assert answers[0][0] is True and answers[0][1] == pytest.approx(logp(2.0))
+    assert answers[1][0] is False and answers[1][1] == pytest.approx(logp(1.0))
+
+
+# -----------------------------------------------------------------------------
+# SaVILA-tiny
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    return shapes.CaptionCache(shapes.laptop_text_encoder("gemma-tiny", folder=tmp_path_factory.mktemp("gemma") / "g"))
+
+
+@pytest.fixture(scope="module")
+def synthetic(encoder):
+    images, texts = savila.synthetic_set(shapes.judge_train_prompts(96, seed=1), seed=1)
+    return images, texts, shapes.check_batch(images, texts)
+
+
+def test_synthetic_set_mixes_right_and_wrong_captions(synthetic):
+    images, texts, labels = synthetic
+    prompts = {p.text for p in shapes.judge_train_prompts(96, seed=1)}
+    assert images.shape == (96, 32, 32, 3) and images.dtype == np.uint8
+    assert set(texts) <= prompts  # wrong captions come from the same prompt set: no eval prompt leaks in
+    assert 0.3 < labels.mean() < 0.8
+
+
+def test_pair_labels_match_the_checker_one_pair_at_a_time(synthetic):
+    images, texts, _ = synthetic
+    captions = [p.text for p in savila.judge_train_pool()[::7]]
+    labels = savila.pair_labels(images[:12], captions)
+    assert labels.shape == (12, len(captions))
+    for i in range(12):
+        assert list(labels[i]) == list(shapes.check_batch(np.repeat(images[i:i + 1], len(captions), 0), captions))
+
+
+def test_judge_train_pool_excludes_the_split_eval_prompts():
+    pool = set(savila.judge_train_pool())
+    held = {p for p in shapes.load_eval_prompts() if p.category in shapes.SPLIT_CATEGORIES}
+    assert not pool & held and pool | held == set(shapes.all_prompts())
+
+
+def test_savila_tiny_trains_and_its_loss_falls(encoder):
+    # two quick categories (App. B's recipe on ground-truth renders, half the captions wrong)
+    pool = [p for p in savila.judge_train_pool() if p.category in ("single_object", "colors")]
+    images, texts = savila.synthetic_set([pool[i % len(pool)] for i in range(96)], seed=1)
+    captions = [p.text for p in pool]
+    labels, near = savila.pair_labels(images, captions), savila.near_pairs(texts, captions)
+    assert near.shape == labels.shape and near.any(1).all() and not near.all()
+    config = savila.SavilaConfig(text_dim=encoder.dim, **TINY)
+    judge, losses = savila.train_judge(images, captions, labels, near, config=config, encoder=encoder, steps=40,
+                                       batch_size=32, lr=3e-3, log_every=0)
+    assert len(losses) == 40
+    assert np.mean(losses[-5:]) < 0.85 * np.mean(losses[:5])
+    # it already answers the pairs it was trained on better than chance (balanced accuracy)
+    z = judge.logits(np.repeat(images[:16], len(captions), 0), captions * 16).reshape(16, -1)
+    said, truth = z.numpy() > 0, labels[:16]
+    assert 0.5 * ((said == truth)[truth].mean() + (said == truth)[~truth].mean()) > 0.6
+    asked = [captions[i % len(captions)] for i in range(len(images))]
+    answers = judge(torch.from_numpy(shapes.TO_UNIT[images]).permute(0, 3, 1, 2), asked)  # float (N,3,H,W) in [-1,1]
+    assert answers == judge(images, asked)  # or uint8 (N,H,W,3): the same pixels, the same answers
+    for yes, conf in answers:  # the confidence is the log-probability of the answer given
+        assert isinstance(yes, bool) and math.log(0.5) - 1e-6 <= conf <= 0
+
+
+def test_savila_tiny_save_load_round_trip(tmp_path, encoder, synthetic):
+    images, texts, _ = synthetic
+    torch.manual_seed(0)
+    judge = savila.SavilaTiny(savila.SavilaConfig(text_dim=encoder.dim, **TINY), encoder)
+    path = tmp_path / "judge.safetensors"
+    judge.save(path, source="test")
+    loaded = savila.SavilaTiny.load(path, encoder)
+    assert loaded.config == judge.config
+    assert loaded(images, texts) == judge(images, texts)
+    assert savila.tournament(loaded, keep=2, candidates=images[:8], prompt=texts[0]) == \
+        savila.tournament(judge(images[:8], texts[0]), keep=2)
+    assert not list(tmp_path.glob("*.tmp*"))  # the atomic write left no temp file
+
+
+def test_savila_tiny_bad_inputs(tmp_path, encoder, synthetic):
+    images, texts, labels = synthetic
+    with pytest.raises(ValueError, match="no SaVILA-tiny checkpoint"):
+        savila.SavilaTiny.load(tmp_path / "missing.safetensors", encoder)
+    with pytest.raises(ValueError, match="-d states"):
+        savila.SavilaTiny(savila.SavilaConfig(text_dim=384, **TINY), encoder)
+    judge = savila.SavilaTiny(savila.SavilaConfig(text_dim=encoder.dim, **TINY), encoder)
+    with pytest.raises(ValueError, match="one per image"):
+        judge(images[:3], texts[:2])
+    with pytest.raises(ValueError, match="32x32"):
+        judge(np.zeros((1, 16, 16, 3), np.uint8), texts[:1])
+    with pytest.raises(ValueError, match="needs both"):
+        savila.train_judge(images[:4], texts[:2], np.ones((4, 2), bool), encoder=encoder, steps=1, log_every=0)
+    with pytest.raises(ValueError, match="labels and near must be"):
+        savila.train_judge(images[:4], texts[:2], np.ones((4, 3), bool), encoder=encoder, steps=1, log_every=0)
+
+
+# -----------------------------------------------------------------------------
+# folders, prompt files, CLI errors
+
+
+def write_folder(folder, images, texts):
+    from PIL import Image
+
+    folder.mkdir()
+    lines = []
+    for i, (im, t) in enumerate(zip(images, texts)):
+        Image.fromarray(im).save(folder / f"{i:05d}.png")
+        lines.append(json.dumps({"file": f"{i:05d}.png", "prompt": t}))
+    (folder / "index.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_images_folder_round_trip(tmp_path, synthetic):
+    images, texts, _ = synthetic
+    write_folder(tmp_path / "d", images[:5], texts[:5])
+    got, got_texts = savila.load_images_dir(tmp_path / "d")
+    assert np.array_equal(got, images[:5]) and got_texts == texts[:5]
+
+
+def test_bad_images_folders_are_one_line_errors(tmp_path, synthetic):
+    images, texts, _ = synthetic
+    with pytest.raises(ValueError, match="does not exist"):
+        savila.load_images_dir(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="index.jsonl not found"):
+        savila.load_images_dir(tmp_path / "empty")
+    write_folder(tmp_path / "d", images[:2], texts[:2])
+    with open(tmp_path / "d" / "index.jsonl", "a") as f:
+        f.write('{"file": "00002.png"}\n')
+    with pytest.raises(ValueError, match="line 3: expected"):
+        savila.load_images_dir(tmp_path / "d")
+    (tmp_path / "d" / "index.jsonl").write_text('{"file": "nope.png", "prompt": "a photo of a circle"}\n')
+    with pytest.raises(ValueError, match="nope.png not found"):
+        savila.load_images_dir(tmp_path / "d")
+
+
+def test_write_prompts_holds_no_eval_prompt_of_the_split_categories(tmp_path):
+    path = tmp_path / "p.txt"
+    savila.write_prompts(path, 60, seed=3)
+    lines = path.read_text().splitlines()
+    assert lines == [p.text for p in shapes.judge_train_prompts(60, seed=3)]
+    held = {p.text for p in shapes.load_eval_prompts() if p.category in shapes.SPLIT_CATEGORIES}
+    assert len(lines) == 60 and not held & set(lines)
+
+
+def test_cli_bad_input_is_one_line_error(tmp_path):
+    r = subprocess.run([sys.executable, "savila.py", "--train", "--images", str(tmp_path / "nothing")],
+                       capture_output=True, text=True, cwd=savila.__file__.rsplit("/", 1)[0])
+    assert r.returncode != 0
+    assert r.stderr.strip().startswith("error: images folder") and len(r.stderr.strip().splitlines()) == 1
