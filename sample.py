@@ -114,11 +114,12 @@ def null_states(encoder):
 
 
 def load_decoder(vae, device):
-    """Latents -> images in [-1, 1]: DC-AE (divide by its scaling factor first), or the identity in pixel space."""
+    """-> (decode, factor): latents -> images in [-1, 1] with the DC-AE (divide by its scaling factor first) and
+    its spatial factor (32 for SANA's f32c32), or the identity and 1 in pixel space."""
     if not vae:
-        return lambda x: x
+        return (lambda x: x), 1
     dec = DCAEDecoder.from_pretrained(resolve(vae)).to(device).eval()
-    return lambda z: dec(z / dec.scaling_factor)
+    return (lambda z: dec(z / dec.scaling_factor)), 2 ** (len(dec.config.widths) - 1)
 
 
 # -----------------------------------------------------------------------------
@@ -131,10 +132,12 @@ def make_noise(seed, prompt_index, j, shape):
 
 
 @torch.no_grad()
-def sample_images(model, encoder, decode, prompts, n, args, device, dtype):
-    """n images per prompt, in prompt order: (len(prompts) * n, 3, H, W) in [-1, 1] on the CPU."""
+def sample_images(model, encoder, decoder, prompts, n, args, device, dtype):
+    """n images per prompt, in prompt order: (len(prompts) * n, 3, H, W) in [-1, 1] on the CPU.
+    decoder: (decode, factor) from load_decoder."""
     c = model.config
-    side = args.size // (32 if c.vae else 1)  # latent side
+    decode, factor = decoder
+    side = args.size // factor  # latent side
     jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
     y_null, mask_null = (t.to(device) for t in null_states(encoder))
     out = []
@@ -342,11 +345,11 @@ def main(argv=None):
     args.shift = args.shift or trained.get("flow_shift") or 3.0
     args.steps, args.cfg = args.steps or 20, args.cfg if args.cfg is not None else 4.5
     encoder = load_text_encoder(args.text_encoder or c.text_encoder, c.text_max_length, device)
-    decode = load_decoder(c.vae if args.vae is None else args.vae, device)
+    decoder = load_decoder(c.vae if args.vae is None else args.vae, device)
     judge = load_judge(args.judge, device) if args.best_of > 1 else None
     n_per = (shapes.IMAGES_PER_PROMPT if args.eval else args.num_samples)
     groups = [p for p in prompts for _ in range(n_per)]  # one group of N candidates per kept image
-    images = sample_images(model, encoder, decode, groups, args.best_of, args, device, dtype)
+    images = sample_images(model, encoder, decoder, groups, args.best_of, args, device, dtype)
     os.makedirs(args.out, exist_ok=True)
     if args.eval and args.curve:
         evaluate_curve(images, shapes.load_eval_prompts(), args.best_of, judge, args.out)

@@ -366,7 +366,7 @@ def main(argv=None):
         model = LinearDiT(mcfgs[name])
         run = train_dit(model, streams[name], cfg, budgets[name], args.max_steps)
         save_model(model, out(f"{name}_dit.safetensors"), step=run["steps"], train_config=dataclasses.asdict(cfg))
-        decode = load_decoder(model.config.vae, torch.device("cpu"))  # the saved decoder, / scaling factor
+        decode = load_decoder(model.config.vae, torch.device("cpu"))[0]  # the saved decoder, / scaling factor
         images = sample_eval(model, text, decode, prompts, sides[name], args, cfg.flow_shift)
         result = shapes.evaluate(images, groups)
         run.update(space=spaces[name], budget_seconds=budgets[name], checker=result,

@@ -124,7 +124,7 @@ def score(model, encoder, prompts, args, tc, device):
     sampling = argparse.Namespace(size=tc.image_size, shift=tc.flow_shift, steps=args.steps, cfg=args.cfg,
                                   sampler=args.sampler, seed=args.seed, batch_size=args.batch_size,
                                   progress=args.progress)
-    images = sample_images(model, encoder, lambda x: x, [p.text for p in groups], 1, sampling, device,
+    images = sample_images(model, encoder, ((lambda x: x), 1), [p.text for p in groups], 1, sampling, device,
                            torch.float32)  # (4P, 3, H, W) in [-1, 1]; pixel space: no decoder
     return shapes.evaluate(images, groups)
 

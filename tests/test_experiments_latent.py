@@ -83,7 +83,7 @@ def test_quick_checkpoints_round_trip(quick):
     assert pixel.config == tiny
     z = torch.randn(2, 8, 8, 8)
     with torch.no_grad():
-        torch.testing.assert_close(load_decoder(c.vae, torch.device("cpu"))(z), dec(z / ae["scaling_factor"]))
+        torch.testing.assert_close(load_decoder(c.vae, torch.device("cpu"))[0](z), dec(z / ae["scaling_factor"]))
     assert json.loads(latent.meta["train_config"])["preset"] == "shapes-tiny"
 
 
@@ -193,7 +193,7 @@ def test_latent_sampling_decodes_through_the_saved_decoder(tmp_path):
         z = enc(gt)
         want = dec(z).clamp(-1, 1)
     model = Oracle(z * 0.3, vae=path)
-    images = lvp.sample_eval(model, fake_text, load_decoder(path, torch.device("cpu")), prompts, 8, sampling_args(2),
+    images = lvp.sample_eval(model, fake_text, load_decoder(path, torch.device("cpu"))[0], prompts, 8, sampling_args(2),
                              shift=1.0, batch_size=len(gt))
     assert images.shape == (6, 3, 32, 32)
     torch.testing.assert_close(images, want, atol=1e-4, rtol=1e-4)
