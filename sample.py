@@ -346,6 +346,9 @@ def main(argv=None):
     args.steps, args.cfg = args.steps or 20, args.cfg if args.cfg is not None else 4.5
     encoder = load_text_encoder(args.text_encoder or c.text_encoder, c.text_max_length, device)
     decoder = load_decoder(c.vae if args.vae is None else args.vae, device)
+    if args.size % (decoder[1] * c.patch_size):
+        raise SystemExit(f"error: --size {args.size} must be a multiple of {decoder[1] * c.patch_size} "
+                         f"(autoencoder factor {decoder[1]} x patch {c.patch_size})")
     judge = load_judge(args.judge, device) if args.best_of > 1 else None
     n_per = (shapes.IMAGES_PER_PROMPT if args.eval else args.num_samples)
     groups = [p for p in prompts for _ in range(n_per)]  # one group of N candidates per kept image

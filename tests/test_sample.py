@@ -127,6 +127,7 @@ def test_cli_end_to_end_and_bad_input(tmp_path):
                           (["--ckpt", ckpt, "--prompts", str(tmp_path / "bad.txt")], "holds no prompts"),
                           (["--ckpt", ckpt, "--prompts", str(tmp_path / "missing.txt")], "not found"),
                           (["--ckpt", ckpt, "--best_of", "2", "--keep", "3"], "keep"),
+                          (["--ckpt", ckpt, "--size", "30"], "multiple of 8"),
                           (["--ckpt", ckpt, "--best_of", "2", "--judge", str(tmp_path / "j.safetensors")], "SaVILA")]:
         with pytest.raises(SystemExit, match=pattern) as e:
             sample.main(args + ["--no_progress", "--steps", "2"])
