@@ -807,10 +807,8 @@ class _DCAEHalf(nn.Module):
 
     def save_pretrained(self, path):
         """One .safetensors: weights under '<prefix>.' plus {"config": json} metadata; written atomically."""
-        tensors = {self.prefix + k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = f"{path}.tmp{os.getpid()}"
-        save_file(tensors, tmp, metadata={"format": "nanosana-dcae", "config": json.dumps(asdict(self.config))})
-        os.replace(tmp, path)
+        atomic_save_file({self.prefix + k: v for k, v in self.state_dict().items()}, path,
+                         {"format": "nanosana-dcae", "config": json.dumps(asdict(self.config))})
 
 
 class DCAEEncoder(_DCAEHalf):

@@ -281,10 +281,10 @@ def evaluate_shapes(raw_model, data, cfg, device, step):
         prompts = [p for p in prompts if per.setdefault(p.category, []).append(p) or len(per[p.category]) <= cfg.eval_prompts]
     raw_model.eval()
     images = []
+    y_null, mask_null = data.null()
     for i in range(0, len(prompts), 128):
         chunk = prompts[i:i + 128]
         y, mask = data.encoder([p.text for p in chunk])
-        y_null, mask_null = data.null()
         g = torch.Generator().manual_seed(10_000 + i)
         noise = torch.randn(len(chunk), raw_model.config.in_channels, cfg.image_size, cfg.image_size, generator=g)
         x = generate(raw_model, y.to(device), mask.to(device), y_null.to(device), mask_null.to(device),
