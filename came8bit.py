@@ -64,7 +64,7 @@ def quantize_blockwise(x, block_size):
     if pad:  # repeat the last value: it lies inside the last block's range, so min and max do not move
         flat = torch.cat([flat, flat[-1:].expand(pad)])
     blocks = flat.view(-1, block_size)  # (n_blocks, block_size)
-    mins, maxs = blocks.amin(dim=1, keepdim=True), blocks.amax(dim=1, keepdim=True)  # (n_blocks, 1)
+    mins, maxs = blocks.amin(dim=1, keepdim=True), blocks.amax(dim=1, keepdim=True)  # (n_blocks, 1); aminmax: ~15x slower on CPU
     # one code step; the floor guards zero-range blocks (x - min = 0 gives code 0, which dequantizes to min)
     scales = maxs.sub_(mins).div_(255).clamp_min_(TINY)  # (n_blocks, 1)
     # (x - min) / scale + 0.5 lies in [0.5, 255.5]; truncating it rounds (x - min) / scale to the nearest code
@@ -209,16 +209,49 @@ class CAME8bit(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if any(p.grad.is_sparse for p in params):
+                raise ValueError("CAME8bit does not support sparse gradients; use dense gradients")
+            for p in params:
+                if p not in self.state or not self.state[p]:
+                    self._init_state(p, group)
+            full = {}  # tensors with a full second moment, by the process groups that shard them
+            for p in params:
+                if is_matrix(p):
+                    self._update_factored(p, group)
+                else:
+                    full.setdefault(tuple(_shard_groups(p)), []).append(p)
+            for shards, ps in full.items():
+                self._update_full(ps, group, list(shards))
         return loss
 
-    def _update(self, p, group):
-        if p.grad.is_sparse:
-            raise ValueError("CAME8bit does not support sparse gradients; use dense gradients")
-        if p not in self.state or not self.state[p]:
-            self._init_state(p, group)
+    def _update_full(self, params, group, shards):
+        """Biases, norms, 3x3 and depthwise kernels: U = g / sqrt(v), clipped, m, p -= lr m; no confidence term
+        without factored statistics (official code). Many small tensors, so all at once with torch._foreach_*."""
+        lr, wd, clip = group["lr"], group["weight_decay"], group["clip_threshold"]
+        beta1, beta2, _ = group["betas"]
+        eps1 = group["eps"][0]
+        states = [self.state[p] for p in params]
+        grads = [_local(p.grad).float() for p in params]  # fp32 island (Sec. 2.3)
+        weights = [_local(p).float() for p in params]  # the params themselves when fp32
+        exp_avg_sq, exp_avg = [s["exp_avg_sq"] for s in states], [s["exp_avg"] for s in states]
+        if wd:
+            torch._foreach_mul_(weights, 1 - lr * wd)
+        sq = torch._foreach_mul(grads, grads)
+        torch._foreach_add_(sq, eps1)
+        torch._foreach_lerp_(exp_avg_sq, sq, 1 - beta2)  # v
+        update = torch._foreach_div(grads, torch._foreach_sqrt(exp_avg_sq))  # U
+        sum_sq = _sum_shards(torch.stack(torch._foreach_norm(update)).square_(), shards)  # (k,) sum(U^2) each
+        numel = torch.tensor([p.numel() for p in params], dtype=torch.float32, device=sum_sq.device)  # global
+        torch._foreach_div_(update, list(sum_sq.div_(numel * clip**2).sqrt_().clamp_min_(1.0).unbind()))
+        torch._foreach_lerp_(exp_avg, update, 1 - beta1)  # m
+        torch._foreach_add_(weights, exp_avg, alpha=-lr)
+        for p, weight in zip(params, weights):
+            if weight is not _local(p):
+                _local(p).copy_(weight)
+
+    def _update_factored(self, p, group):
+        """Linear weights and 1x1 convs: the factored statistics, the confidence term, the 8-bit m."""
         state = self.state[p]
         lr, wd, clip = group["lr"], group["weight_decay"], group["clip_threshold"]
         beta1, beta2, beta3 = group["betas"]
@@ -227,12 +260,10 @@ class CAME8bit(torch.optim.Optimizer):
         n = p.numel()  # global: means and the RMS span every shard
         param = _local(p)
         grad = _local(p.grad).float()  # fp32 island: all optimizer statistics are fp32 (Sec. 2.3)
-        factored = "exp_avg_sq_row" in state
-        if factored:
-            rows = p.shape[0]  # global row count
-            grad = grad.view(grad.shape[0], math.prod(p.shape[1:]))  # (r, c): 1x1 convs as out x in matrices
+        rows = p.shape[0]  # global row count
+        grad = grad.view(grad.shape[0], math.prod(p.shape[1:]))  # (r, c): 1x1 convs as out x in matrices
         if "exp_avg" in state:
-            exp_avg = state["exp_avg"].view(grad.shape)  # (r, c) or param shape, updated in place
+            exp_avg = state["exp_avg"].view(grad.shape)  # (r, c), updated in place
         else:
             exp_avg = dequantize_blockwise(state["exp_avg_codes"], state["exp_avg_min"], state["exp_avg_scale"],
                                            grad.shape)
@@ -240,34 +271,25 @@ class CAME8bit(torch.optim.Optimizer):
         weight = param.float()  # the param itself when fp32; an fp32 copy for bf16 params
         if wd:
             weight.mul_(1 - lr * wd)  # decoupled weight decay (AdamW-style), as came_pytorch
-        if factored:
-            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-            buf = grad * grad  # (r, c) g^2; the one scratch tensor: reused for U, (U - m)^2 and the step
-            row.lerp_(buf.mean(dim=1).add_(eps1), 1 - beta2)  # (r,) columns are never split
-            col.lerp_(_sum_shards(buf.sum(dim=0), shards).div_(rows).add_(eps1), 1 - beta2)  # (c,)
-            row_factor = row.div(_sum_shards(row.sum(), shards) / rows).rsqrt_()  # (r,) 1/sqrt(r / mean(r))
-            col_factor = col.rsqrt()  # (c,)
-            # update clipping: sum(U^2) = sum_ij g_ij^2 row_factor_i^2 col_factor_j^2, two matrix-vector products
-            sum_sq = _sum_shards(row_factor.square() @ (buf @ col_factor.square()), shards)
-            row_factor.div_(sum_sq.div_(n * clip**2).sqrt_().clamp_min_(1.0))  # / max(1, RMS(U) / clip)
-            update = torch.mul(grad, row_factor[:, None], out=buf).mul_(col_factor)  # (r, c) clipped U
-            exp_avg.lerp_(update, 1 - beta1)  # m
-            res = update.sub_(exp_avg).square_()  # (r, c) instability (U - m)^2
-            res_row, res_col = state["exp_avg_res_row"], state["exp_avg_res_col"]
-            res_row.lerp_(res.mean(dim=1).add_(eps2), 1 - beta3)  # (r,)
-            res_col.lerp_(_sum_shards(res.sum(dim=0), shards).div_(rows).add_(eps2), 1 - beta3)  # (c,)
-            res_row_factor = res_row.div(_sum_shards(res_row.sum(), shards) / rows).rsqrt_()  # (r,)
-            # p -= lr m / sqrt(R_r R_c^T / mean(R_r)): the row factor here, the column factor inside addcmul_
-            step = torch.mul(exp_avg, res_row_factor[:, None], out=res)  # (r, c)
-            weight.view(step.shape).addcmul_(step, res_col.rsqrt(), value=-lr)
-        else:
-            exp_avg_sq = state["exp_avg_sq"]
-            exp_avg_sq.lerp_(grad.square().add_(eps1), 1 - beta2)  # v, full second moment
-            update = grad / exp_avg_sq.sqrt()  # U
-            sum_sq = _sum_shards(update.square().sum(), shards)
-            update.div_(sum_sq.div_(n * clip**2).sqrt_().clamp_min_(1.0))  # / max(1, RMS(U) / clip)
-            exp_avg.lerp_(update, 1 - beta1)  # m
-            weight.add_(exp_avg, alpha=-lr)  # no confidence term without factored statistics (official code)
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        buf = grad * grad  # (r, c) g^2; the one scratch tensor: reused for U, (U - m)^2 and the step
+        row.lerp_(buf.mean(dim=1).add_(eps1), 1 - beta2)  # (r,) columns are never split
+        col.lerp_(_sum_shards(buf.sum(dim=0), shards).div_(rows).add_(eps1), 1 - beta2)  # (c,)
+        row_factor = row.div(_sum_shards(row.sum(), shards) / rows).rsqrt_()  # (r,) 1/sqrt(r / mean(r))
+        col_factor = col.rsqrt()  # (c,)
+        # update clipping: sum(U^2) = sum_ij g_ij^2 row_factor_i^2 col_factor_j^2, two matrix-vector products
+        sum_sq = _sum_shards(row_factor.square() @ (buf @ col_factor.square()), shards)
+        row_factor.div_(sum_sq.div_(n * clip**2).sqrt_().clamp_min_(1.0))  # / max(1, RMS(U) / clip)
+        update = torch.mul(grad, row_factor[:, None], out=buf).mul_(col_factor)  # (r, c) clipped U
+        exp_avg.lerp_(update, 1 - beta1)  # m
+        res = update.sub_(exp_avg).square_()  # (r, c) instability (U - m)^2
+        res_row, res_col = state["exp_avg_res_row"], state["exp_avg_res_col"]
+        res_row.lerp_(res.mean(dim=1).add_(eps2), 1 - beta3)  # (r,)
+        res_col.lerp_(_sum_shards(res.sum(dim=0), shards).div_(rows).add_(eps2), 1 - beta3)  # (c,)
+        res_row_factor = res_row.div(_sum_shards(res_row.sum(), shards) / rows).rsqrt_()  # (r,)
+        # p -= lr m / sqrt(R_r R_c^T / mean(R_r)): the row factor here, the column factor inside addcmul_
+        step = torch.mul(exp_avg, res_row_factor[:, None], out=res)  # (r, c)
+        weight.view(step.shape).addcmul_(step, res_col.rsqrt(), value=-lr)
         if weight is not param:
             param.copy_(weight)
         if "exp_avg_codes" in state:  # store m back in 8 bits; this step used the fp32 m (official order)

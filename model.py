@@ -352,10 +352,16 @@ PRESETS = {
     "sana-1.6b": DiTConfig(hidden_size=2240, depth=20, cross_heads=20),
     "sana1.5-1.6b": DiTConfig(hidden_size=2240, depth=20, cross_heads=20, qk_norm=True),
     "sana1.5-4.8b": DiTConfig(hidden_size=2240, depth=60, cross_heads=20, qk_norm=True),
-    # laptop: pixel space (see README, "The shapes world"), MiniLM text states (384-d)
-    "shapes": DiTConfig(in_channels=3, patch_size=4, hidden_size=128, depth=6, cross_heads=4,
-                        caption_channels=384, qk_norm=True, text_encoder="minilm", text_max_length=16, vae="",
-                        y_norm_init=1.0),  # at 0.01 the caption norm collapsed to 0.005 in 500 steps (NOTES.md)
+    # laptop: the tiny f4 DC-AE's 8x8x16 latents (autoencoder.py), patch 2 -> 16 tokens; MiniLM text states
+    # (384-d). The caption norm starts at 1.0, not the official 0.01: at 0.01 it collapsed to 0.005 within 500
+    # steps and the laptop model ignored the text (NOTES.md).
+    "shapes": DiTConfig(in_channels=16, patch_size=2, hidden_size=128, depth=6, cross_heads=4,
+                        caption_channels=384, qk_norm=True, text_encoder="minilm", text_max_length=16,
+                        vae="weights/shapes_ae.safetensors", y_norm_init=1.0),
+    # the same model in pixel space, patch 4 -> 64 tokens (experiments/latent_vs_pixel.py's pixel arm)
+    "shapes-pixel": DiTConfig(in_channels=3, patch_size=4, hidden_size=128, depth=6, cross_heads=4,
+                              caption_channels=384, qk_norm=True, text_encoder="minilm", text_max_length=16, vae="",
+                              y_norm_init=1.0),
     "shapes-tiny": DiTConfig(in_channels=3, patch_size=8, hidden_size=64, depth=2, cross_heads=2,  # tests
                              caption_channels=384, qk_norm=True, text_encoder="minilm", text_max_length=16, vae=""),
 }
@@ -379,6 +385,17 @@ def check_and_load(module, sd, what):
         raise ValueError(f"checkpoint does not fit {what}: unexpected key '{extra[0]}' "
                          f"({len(extra)} unexpected in all); is it the right model / layout?")
     module.load_state_dict(sd, strict=True, assign=True)  # assign: works on a meta-device module
+
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def local_path(path):
+    """A path as given where it exists, else relative to the repo root (the shipped laptop weights, weights/*),
+    so that config.vae = "weights/shapes_ae.safetensors" works from any working directory."""
+    if path and not os.path.isabs(path) and not os.path.exists(path) and os.path.exists(os.path.join(REPO, path)):
+        return os.path.join(REPO, path)
+    return path
 
 
 def atomic_save_file(tensors, path, metadata=None):
@@ -564,6 +581,9 @@ class DCAEConfig:
 DCAE_PRESETS = {
     "dc-ae-f32c32": DCAEConfig(),  # SANA / SANA-1.5's autoencoder (sana-1.0 and 1.1 share the shapes)
     # the laptop world: same f32c32 interface, a few hundred thousand parameters; untrained, so no latent scale
+    # the laptop's latent space (autoencoder.py trains it): f4, 32x32x3 -> 8x8x16, ResBlocks only, 0.26M parameters
+    "shapes": DCAEConfig(latent_channels=16, widths=(16, 32, 64), encoder_depths=(1, 1, 1), decoder_depths=(1, 1, 1),
+                         block_types=("ResBlock",) * 3, qkv_multiscales=((), (), ()), scaling_factor=1.0),
     "shapes-tiny": DCAEConfig(widths=(8, 16, 32, 32, 64, 64), encoder_depths=(1,) * 6, decoder_depths=(1,) * 6,
                               head_dim=8, scaling_factor=1.0),
 }
@@ -809,6 +829,19 @@ class _DCAEHalf(nn.Module):
         """One .safetensors: weights under '<prefix>.' plus {"config": json} metadata; written atomically."""
         atomic_save_file({self.prefix + k: v for k, v in self.state_dict().items()}, path,
                          {"format": "nanosana-dcae", "config": json.dumps(asdict(self.config))})
+
+
+def vae_factor(vae):
+    """Spatial factor of a DiT config's `vae` without loading it: 1 in pixel space, the saved config's for a local
+    file of ours (4 for the laptop's), else 32 (SANA's f32c32, by hub id or folder)."""
+    if not vae:
+        return 1
+    path = local_path(vae)
+    if os.path.isfile(path):
+        with safe_open(path, "pt") as f:
+            widths = json.loads((f.metadata() or {}).get("config", "{}")).get("widths", DCAEConfig().widths)
+        return 2 ** (len(widths) - 1)
+    return 32
 
 
 class DCAEEncoder(_DCAEHalf):

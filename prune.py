@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import GEMMA_CHI, LinearDiT, TextEncoder, add_noise, save_model, shift_sigma
+from model import GEMMA_CHI, LinearDiT, TextEncoder, add_noise, local_path, save_model, shift_sigma, vae_factor
 from train import TrainConfig, load_or_exit, parse_config
 
 # -----------------------------------------------------------------------------
@@ -190,7 +190,10 @@ def shapes_calibration(n, image_size, encoder, model_cfg, batch_size=25, seed=0)
     from shapes import ShapesData
 
     data = ShapesData(image_size, seed=1_000_000 + seed, encoder=encoder)
-    noise = make_noise(n, model_cfg, image_size, seed)
+    if model_cfg.vae:  # the laptop's latent space: x = DC-AE latents
+        from autoencoder import LatentData
+        data = LatentData(data, model_cfg.vae)
+    noise = make_noise(n, model_cfg, image_size // vae_factor(model_cfg.vae), seed)
     sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)]
     batches = [data.get_batch(k, b) for k, b in enumerate(sizes)]
     for b, chunk in zip(batches, noise.split(sizes)):
@@ -287,6 +290,7 @@ def finetune(cfg, tc, init_path, run_dir):
     ft = dataclasses.replace(tc, init_from=init_path, grow_from="", resume=False, depth=0, out_dir=run_dir,
                              max_steps=cfg.finetune_steps, max_minutes=0.0, save_every=cfg.finetune_steps,
                              eval_every=0, ema_decay=0.0, lr=cfg.finetune_lr or tc.lr,
+                             decay_steps=cfg.finetune_steps if tc.decay_steps else 0,  # the source's cool-down, shortened
                              warmup_steps=cfg.finetune_warmup, data=cfg.data or tc.data,
                              image_size=cfg.image_size or tc.image_size, text_encoder=cfg.text_encoder or tc.text_encoder,
                              progress=cfg.progress)
@@ -313,7 +317,8 @@ def main(argv):
     tc, saved_tc = source_train_config(model)
     data, image_size = cfg.data or tc.data, cfg.image_size or tc.image_size
     shift = cfg.flow_shift or tc.flow_shift
-    with_images = data == "shapes" and not model.config.vae and not cfg.prompts  # pixel-space shapes world
+    laptop_space = not model.config.vae or os.path.isfile(local_path(model.config.vae))  # pixels or a tiny AE file
+    with_images = data == "shapes" and laptop_space and not cfg.prompts  # calibration prompts with their images
     if not with_images and not cfg.prompts:
         raise SystemExit("error: this model needs calibration prompts: pass --prompts FILE (one prompt a line; "
                          "the paper uses 100 diverse prompts)")
@@ -328,7 +333,7 @@ def main(argv):
         how = f"{cfg.calib_prompts} shapes prompts with their images, x_t on the straight path"
     else:
         prompts = [p.strip() for p in open(cfg.prompts) if p.strip()][:cfg.calib_prompts]
-        latent = image_size // (32 if model.config.vae else 1)
+        latent = image_size // vae_factor(model.config.vae)
         batches = text_calibration(prompts, encoder, model.config, latent, cfg.batch_size, cfg.seed)
         how = f"{len(prompts)} prompts from {cfg.prompts}, x_t on the model's own Euler trajectory"
     sigmas = calibration_sigmas(cfg.timesteps, shift)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import savila
 import shapes
-from model import GEMMA_CHI, DCAEDecoder, LinearDiT, TextEncoder, shift_sigma
+from model import GEMMA_CHI, DCAEDecoder, LinearDiT, TextEncoder, local_path, shift_sigma
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CKPT = os.path.join(ROOT, "weights", "shapes.safetensors")  # the shipped laptop model
@@ -88,8 +88,8 @@ def generate(model, y, mask, y_null, mask_null, noise, steps=20, cfg=4.5, shift=
 
 def resolve(path):
     """A local path as is; otherwise a Hugging Face hub id, downloaded once (real-scale users only)."""
-    if os.path.exists(path):
-        return path
+    if os.path.exists(local_path(path)):
+        return local_path(path)  # as given, or inside the repo (weights/...)
     if path.count("/") != 1 or path.startswith((".", "/")):
         raise SystemExit(f"error: {path} not found (a local file/folder, or a hub id like Efficient-Large-Model/...)")
     try:

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import PRESETS, LinearDiT, add_noise, save_model, shift_sigma
+from model import PRESETS, LinearDiT, add_noise, save_model, shift_sigma, vae_factor
 
 # -----------------------------------------------------------------------------
 # defaults: override with a config/*.py file and --key=value (or --key value)
@@ -61,11 +61,12 @@ class TrainConfig:
     batch_size: int = 64  # global batch size: micro_batch_size x world size x accumulation steps
     micro_batch_size: int = 0  # per process and forward pass; 0: batch_size // world size
     max_steps: int = 2000
-    max_minutes: float = 0.0  # stop (and save) after this much wall time; 0: no limit
+    max_minutes: float = 0.0  # stop (and save) after this much training wall time (evaluations excluded); 0: none
     optimizer: str = "came8bit"  # came8bit | came | adamw
     lr: float = 1e-4  # official: 1e-4 pre-training, 2e-5 fine-tuning
     weight_decay: float = 0.0
     warmup_steps: int = 100
+    decay_steps: int = 0  # linear decay to 0 over the last decay_steps of max_steps; 0: constant lr (official)
     grad_clip: float = 0.1  # official SANA configs clip the global grad norm at 0.1
     ema_decay: float = 0.0  # 0: no EMA; e.g. 0.999
     flow_shift: float = 3.0  # official 3.0 at 1024px
@@ -163,7 +164,10 @@ def flow_loss(model, batch, y_null, mask_null, step, first_index, cfg, autocast)
 
 
 def lr_at(step, cfg):
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))  # linear warmup, then constant (official)
+    """Linear warmup, then constant (official); with decay_steps, a linear cool-down to 0 at max_steps."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    cool = min(1.0, (cfg.max_steps - step) / cfg.decay_steps) if cfg.decay_steps else 1.0
+    return cfg.lr * warm * cool
 
 
 def make_optimizer(params, cfg):
@@ -204,7 +208,11 @@ def make_data(cfg, model_cfg):
     encoder = cfg.text_encoder or model_cfg.text_encoder
     if cfg.data == "shapes":
         from shapes import ShapesData, laptop_text_encoder
-        return ShapesData(cfg.image_size, cfg.seed, laptop_text_encoder(encoder, model_cfg.text_max_length))
+        data = ShapesData(cfg.image_size, cfg.seed, laptop_text_encoder(encoder, model_cfg.text_max_length))
+        if not model_cfg.vae:
+            return data  # pixel space
+        from autoencoder import LatentData
+        return LatentData(data, model_cfg.vae)  # x = DC-AE latents (the laptop preset: 8x8x16)
     from data import FolderData
     return FolderData(cfg.data, encoder, model_cfg.text_max_length, seed=cfg.seed)
 
@@ -274,7 +282,7 @@ def load_training_state(cfg, rank):
 def evaluate_shapes(raw_model, data, cfg, device, step):
     """Checker score of one sample per eval prompt (Table-2 layout), and a grid PNG."""
     import shapes
-    from sample import generate
+    from sample import generate, load_decoder
     prompts = shapes.load_eval_prompts()
     if cfg.eval_prompts:
         per = {}
@@ -282,14 +290,16 @@ def evaluate_shapes(raw_model, data, cfg, device, step):
     raw_model.eval()
     images = []
     y_null, mask_null = data.null()
+    decode, factor = load_decoder(raw_model.config.vae, device)  # identity in pixel space
+    side = cfg.image_size // factor
     for i in range(0, len(prompts), 128):
         chunk = prompts[i:i + 128]
         y, mask = data.encoder([p.text for p in chunk])
         g = torch.Generator().manual_seed(10_000 + i)
-        noise = torch.randn(len(chunk), raw_model.config.in_channels, cfg.image_size, cfg.image_size, generator=g)
+        noise = torch.randn(len(chunk), raw_model.config.in_channels, side, side, generator=g)
         x = generate(raw_model, y.to(device), mask.to(device), y_null.to(device), mask_null.to(device),
                      noise.to(device), steps=cfg.eval_steps, cfg=cfg.eval_cfg, shift=cfg.flow_shift, sampler="euler")
-        images.append(x.clamp(-1, 1).cpu())
+        images.append(decode(x).float().clamp(-1, 1).cpu())
     raw_model.train()
     images = torch.cat(images)
     result = shapes.evaluate(images, prompts)
@@ -421,14 +431,18 @@ def train(cfg):
                                       "img_per_s": rate * cfg.batch_size, "minutes": (now - t0) / 60}) + "\n")
                 log.flush()
         if cfg.eval_every and (step % cfg.eval_every == 0 or last) and cfg.data == "shapes":
+            t_eval = time.time()  # the clocks (--max_minutes, throughput, the log) count training, not evaluation
             if rank == 0:
                 result = evaluate_shapes(raw_model, data, cfg, device, step)
                 print0(f"\nstep {step}: checker overall {result['overall']:.3f} " +
                        " ".join(f"{k} {v:.2f}" for k, v in result.items() if k != "overall"))
-                log.write(json.dumps({"step": step, "eval": result, "minutes": (time.time() - t0) / 60}) + "\n")
+                log.write(json.dumps({"step": step, "eval": result, "minutes": (t_eval - t0) / 60,
+                                      "eval_seconds": time.time() - t_eval}) + "\n")
                 log.flush()
             if world > 1:
                 dist.barrier()
+            t0 += time.time() - t_eval
+            t_log += time.time() - t_eval
         if step % cfg.save_every == 0 or last:
             save_checkpoint(cfg, raw_model, ema, opt, step, rank, world)
         if last:
@@ -471,7 +485,7 @@ def dry_run(cfg):
     P = sum(p.numel() for p in params)
     gpus = cfg.gpus
     micro = cfg.micro_batch_size or cfg.batch_size // gpus
-    hw = cfg.image_size // (32 if mcfg.vae else 1) // mcfg.patch_size  # tokens per side
+    hw = cfg.image_size // vae_factor(mcfg.vae) // mcfg.patch_size  # tokens per side
     # activations per sample and block: differences of meta-device counts cancel weights and non-block parts
     s = {(d, b): saved_activation_bytes(mcfg, d, b, hw) for d in (1, 2) for b in (1, 2)}
     per_block = (s[2, 2] - s[2, 1]) - (s[1, 2] - s[1, 1])

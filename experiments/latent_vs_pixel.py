@@ -5,7 +5,7 @@ SANA works in the latent space of DC-AE (SANA Sec. 2.1): f32, a 1024px image bec
 shapes world an f32 autoencoder would leave one latent pixel, so the question is asked with a tiny f4 DC-AE
 (3 stages of ResBlocks, model.DCAEEncoder / DCAEDecoder): 32x32x3 -> 8x8xC. A latent DiT with patch 1 on 8x8
 sees 64 tokens, the same number as the pixel model's patch 4 on 32x32, at the same width, depth and text states
-(model.PRESETS["shapes"]), so the two arms differ only in the space they denoise.
+(model.PRESETS["shapes-pixel"]), so the two arms differ only in the space they denoise.
 
 1. autoencoder: encoder + decoder trained with MSE on ground-truth renders (ShapesData images, Adam) for
    --ae_minutes. Reported: reconstruction MSE and the checker's score on reconstructions of the eval set's
@@ -13,7 +13,7 @@ sees 64 tokens, the same number as the pixel model's patch 4 on 32x32, at the sa
    it was not trained on), as SANA's 0.41407 normalises dc-ae-f32c32's, and it is saved with save_pretrained.
 2. latent:    the latent DiT (in_channels C, patch 1, vae = the saved decoder) trained on x -> encoder(x) * scale,
               with the encoder frozen, for --minutes minus the autoencoder's training time.
-3. pixel:     the laptop model (PRESETS["shapes"], config/shapes.py) trained for --minutes.
+3. pixel:     the pixel-space laptop model (PRESETS["shapes-pixel"], config/shapes.py) trained for --minutes.
 Equal total CPU time is the fair comparison: the autoencoder is part of the latent pipeline's cost, and the
 latent arm pays for encoding every batch inside its own budget. Both arms see the same batches (prompts and
 images), noise, timesteps and caption dropout (train.flow_loss draws them from (seed, step, sample)), the same
@@ -45,7 +45,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: the machine's oth
 
 import argparse
 import dataclasses
-import json
 import math
 import shlex
 import sys
@@ -53,13 +52,12 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # experiments/: common.py (which adds the repo root)
 from common import base_config, write_json, write_text  # noqa: E402
 import shapes  # noqa: E402
+from autoencoder import LatentData, evaluate_autoencoder, latent_scale, train_autoencoder  # noqa: E402
 from model import PRESETS, DCAEConfig, DCAEDecoder, DCAEEncoder, LinearDiT, save_model  # noqa: E402
 from sample import generate, load_decoder, make_noise  # noqa: E402
 from train import flow_loss, lr_at, make_optimizer  # noqa: E402
@@ -77,7 +75,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/exp_latent", help="folder for results, samples and checkpoints")
     p.add_argument("--config", default="config/shapes.py", help="the laptop training settings (both arms)")
-    p.add_argument("--preset", default="shapes", help="model.PRESETS architecture of the pixel arm; the latent "
+    p.add_argument("--preset", default="shapes-pixel", help="model.PRESETS architecture of the pixel arm; the latent "
                                                        "arm copies its width, depth and text settings")
     p.add_argument("--minutes", type=float, default=10.0, help="CPU-minutes per arm (the latent arm's AE included)")
     p.add_argument("--ae_minutes", type=float, default=3.0, help="CPU-minutes of autoencoder training")
@@ -89,7 +87,7 @@ def parse_args(argv):
     p.add_argument("--batch_size", type=int, default=None, help="DiT batch; default: the config's (64)")
     p.add_argument("--warmup_steps", type=int, default=None, help="default: the config's (100)")
     p.add_argument("--max_steps", type=int, default=0, help="cap on DiT steps per arm; 0: the time budget only")
-    p.add_argument("--ae_max_steps", type=int, default=0, help="cap on autoencoder steps; 0: the time budget only")
+    p.add_argument("--ae_max_steps", type=int, default=0, help="train the autoencoder exactly this many steps instead of --ae_minutes; 0: the time budget")
     p.add_argument("--eval_prompts", type=int, default=0, help="0: the whole eval set; n: the first n per category")
     p.add_argument("--images_per_prompt", type=int, default=shapes.IMAGES_PER_PROMPT)
     p.add_argument("--eval_steps", type=int, default=20)
@@ -138,66 +136,6 @@ def latent_dit_config(pixel, latent_channels, vae):
 
 # -----------------------------------------------------------------------------
 # the autoencoder
-
-
-def to_unit(u8):
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], as ShapesData feeds the models."""
-    return torch.from_numpy(shapes.TO_UNIT[u8].transpose(0, 3, 1, 2).copy())
-
-
-def train_autoencoder(enc, dec, data, seconds, batch_size, lr, max_steps=0, log_every=20):
-    """MSE reconstruction on ground-truth renders, Adam, until `seconds` of CPU time (or max_steps) are spent."""
-    opt = torch.optim.Adam(list(enc.parameters()) + list(dec.parameters()), lr=lr)
-    losses, step, cpu0, wall0 = [], 0, time.process_time(), time.time()
-    while (step == 0 or time.process_time() - cpu0 < seconds) and (not max_steps or step < max_steps):
-        x = data.get_batch(step, batch_size)["x"]  # (B, 3, H, W) in [-1, 1]
-        loss = F.mse_loss(dec(enc(x)), x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        if step % log_every == 0:
-            losses.append((step, loss.item()))
-            if step % (10 * log_every) == 0:
-                print(f"autoencoder step {step}: mse {losses[-1][1]:.5f} "
-                      f"({(time.process_time() - cpu0) / 60:.1f} CPU-min)", flush=True)
-    return {"steps": step, "cpu_seconds": time.process_time() - cpu0, "wall_seconds": time.time() - wall0,
-            "losses": losses}
-
-
-@torch.no_grad()
-def latent_scale(enc, data, n, batch_size=256):
-    """1 / std of the encoder's latents over n renders (all channels and positions): SANA's scaling factor."""
-    z = torch.cat([enc(data.get_batch(s, min(batch_size, n - s * batch_size))["x"])
-                   for s in range(math.ceil(n / batch_size))])  # (n, C, h, w)
-    return 1.0 / z.float().std().item(), z.float().mean().item()
-
-
-@torch.no_grad()
-def evaluate_autoencoder(enc, dec, prompts, images_per_prompt, size, seed, batch_size=256):
-    """Reconstruction MSE and the checker on the eval prompts' ground-truth renders (images_per_prompt each)."""
-    groups = [p for p in prompts for _ in range(images_per_prompt)]
-    x = to_unit(shapes.render_batch([p.spec for p in groups], size, np.random.default_rng(seed)))  # (N, 3, H, W)
-    rec = torch.cat([dec(enc(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
-    return {"mse": F.mse_loss(rec, x).item(), "checker": shapes.evaluate(rec.clamp(-1, 1), groups),
-            "checker_ground_truth": shapes.evaluate(x, groups)}, x, rec
-
-
-class LatentShapes:
-    """ShapesData in the autoencoder's latent space: x -> encoder(x) * scaling_factor (B, C, H/4, W/4);
-    y, mask, prompts and null() are ShapesData's own, so both arms see the same captions."""
-
-    def __init__(self, data, enc):
-        self.data, self.enc, self.encoder = data, enc.eval().requires_grad_(False), data.encoder
-
-    @torch.no_grad()
-    def get_batch(self, step, batch_size, rank=0, world_size=1):
-        batch = self.data.get_batch(step, batch_size, rank, world_size)
-        batch["x"] = self.enc(batch["x"]) * self.enc.scaling_factor  # (B, C, 8, 8), std about 1
-        return batch
-
-    def null(self):
-        return self.data.null()
 
 
 # -----------------------------------------------------------------------------
@@ -333,10 +271,8 @@ def main(argv=None):
     print(f"autoencoder: training for {args.ae_minutes} CPU-min", flush=True)
     torch.manual_seed(args.seed)
     enc, dec = DCAEEncoder(ae_config(args)), DCAEDecoder(ae_config(args))
-    ae = train_autoencoder(enc, dec, shapes.ShapesData(cfg.image_size, args.seed + 1), 60 * args.ae_minutes,
-                           args.ae_batch_size, args.ae_lr, args.ae_max_steps, args.log_every)
-    enc.eval()
-    dec.eval()
+    ae = train_autoencoder(enc, dec, shapes.ShapesData(cfg.image_size, args.seed + 1), args.ae_max_steps,
+                           args.ae_batch_size, args.ae_lr, 60 * args.ae_minutes, 10 * args.log_every)
     scale, mean = latent_scale(enc, shapes.ShapesData(cfg.image_size, args.seed + 2), args.calib_images)
     enc.config = dec.config = dataclasses.replace(enc.config, scaling_factor=scale)
     enc.save_pretrained(out("ae_encoder.safetensors"))
@@ -347,7 +283,7 @@ def main(argv=None):
     print(f"autoencoder: {ae['steps']} steps, mse {ae['mse']:.5f}, checker on reconstructions "
           f"{ae['checker']['overall']:.3f}, scaling factor {scale:.4f}", flush=True)
     idx = grid_indices(prompts, args.images_per_prompt)
-    pairs = torch.stack([gt[idx], rec[idx].clamp(-1, 1)], dim=1).flatten(0, 1)  # ground truth, reconstruction, ...
+    pairs = torch.stack([gt[idx], rec[idx]], dim=1).flatten(0, 1)  # ground truth, reconstruction, ...
     shapes.save_grid(pairs, [t for i in idx for t in ("gt: " + groups[i].text, "ae: " + groups[i].text)],
                      out("ae_reconstructions.png"))
 
@@ -356,7 +292,7 @@ def main(argv=None):
     budgets = {"latent": 60 * args.minutes - ae["cpu_seconds"], "pixel": 60 * args.minutes}
     mcfgs = {"latent": latent_dit_config(pixel_cfg, args.latent_channels, out("ae_decoder.safetensors")),
              "pixel": pixel_cfg}
-    streams = {"latent": LatentShapes(data, enc), "pixel": data}
+    streams = {"latent": LatentData(data, enc), "pixel": data}
     sides = {"latent": cfg.image_size // enc.factor, "pixel": cfg.image_size}
     spaces = {"latent": f"latent {sides['latent']}x{sides['latent']}x{args.latent_channels}, patch 1",
               "pixel": f"pixel {cfg.image_size}x{cfg.image_size}x3, patch {pixel_cfg.patch_size}"}

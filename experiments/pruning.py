@@ -57,7 +57,7 @@ from experiments.common import final_checkpoint, pyplot, run_once, save_figure, 
 from model import LinearDiT, save_model
 from prune import (PruneConfig, bar_chart, block_importance, calibration_sigmas, finetune, kept_blocks, n_params,
                    prune, save_bar_png, shapes_calibration, source_train_config)
-from sample import load_text_encoder, sample_images
+from sample import load_decoder, load_text_encoder, sample_images
 from train import load_or_exit, parse_config
 
 PAPER = {"full": 0.693, "prune_2/3": 0.673, "prune_2/3_ft": 0.684, "prune_1/3": 0.571, "prune_1/3_ft": 0.672,
@@ -124,8 +124,8 @@ def score(model, encoder, prompts, args, tc, device):
     sampling = argparse.Namespace(size=tc.image_size, shift=tc.flow_shift, steps=args.steps, cfg=args.cfg,
                                   sampler=args.sampler, seed=args.seed, batch_size=args.batch_size,
                                   progress=args.progress)
-    images = sample_images(model, encoder, ((lambda x: x), 1), [p.text for p in groups], 1, sampling, device,
-                           torch.float32)  # (4P, 3, H, W) in [-1, 1]; pixel space: no decoder
+    images = sample_images(model, encoder, load_decoder(model.config.vae, device), [p.text for p in groups], 1,
+                           sampling, device, torch.float32)  # (4P, 3, H, W) in [-1, 1]
     return shapes.evaluate(images, groups)
 
 
@@ -232,8 +232,8 @@ def main(argv=None):
     if not saved or "step" not in model.meta:
         raise SystemExit(f"error: {ckpt} has no training record (train_config, step) in its metadata; pass a "
                          "checkpoint written by train.py")
-    if tc.data != "shapes" or model.config.vae:
-        raise SystemExit(f"error: {ckpt} was not trained on the pixel-space shapes world (data={tc.data!r}); "
+    if tc.data != "shapes":
+        raise SystemExit(f"error: {ckpt} was not trained on the shapes world (data={tc.data!r}); "
                          "this experiment scores with the shapes checker")
     if D < 3:
         raise SystemExit(f"error: the model has {D} blocks; pruning to 2/3 and 1/3 needs at least 3")

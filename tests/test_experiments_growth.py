@@ -127,7 +127,7 @@ def test_nan_run_is_recorded_and_reused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--inits", "partial,grow"], ["--small_depth", "12"], ["--small_depth", "5"],
-                                  ["--eval_every", "25"], ["--drop_last", "4"], ["--grow_steps", "0"],
+                                  ["--eval_every", "-1"], ["--drop_last", "4"], ["--grow_steps", "0"],
                                   ["--preset", "nope"]])
 def test_growth_rejects_bad_flags(argv):
     with pytest.raises(SystemExit, match="error:"):

@@ -1,6 +1,5 @@
 """experiments/latent_vs_pixel.py: --quick end to end (outputs, budgets, the saved AE and DiTs round trip), the
-latent data wrapper against ShapesData + encoder, the scaling factor, AE training, the sampling/decoding path
-against oracle models, bad flags."""
+sampling/decoding path against oracle models, bad flags. (Its autoencoder pieces are tested in test_autoencoder.py.)"""
 import argparse
 import dataclasses
 import json
@@ -87,61 +86,6 @@ def test_quick_checkpoints_round_trip(quick):
     assert json.loads(latent.meta["train_config"])["preset"] == "shapes-tiny"
 
 
-def test_latent_data_is_shapes_data_through_the_frozen_encoder():
-    enc, _ = tiny_ae()
-    enc.config = dataclasses.replace(enc.config, scaling_factor=0.37)
-    cache = {}
-
-    def text(texts):  # a fake caption encoder: deterministic per caption
-        for t in texts:
-            cache.setdefault(t, torch.full((3, 5), float(len(t))))
-        return torch.stack([cache[t] for t in texts]), torch.ones(len(texts), 3, dtype=torch.long)
-
-    text.dim = 5
-    data = shapes.ShapesData(32, 3, shapes.CaptionCache(text))
-    wrapped = lvp.LatentShapes(data, enc)
-    got, ref = wrapped.get_batch(7, 6, 1, 2), data.get_batch(7, 6, 1, 2)
-    with torch.no_grad():
-        want = enc(ref["x"]) * 0.37
-    assert got["x"].shape == (3, 8, 8, 8) and not got["x"].requires_grad
-    torch.testing.assert_close(got["x"], want)
-    assert got["prompts"] == ref["prompts"]
-    torch.testing.assert_close(got["y"], ref["y"])
-    torch.testing.assert_close(got["mask"], ref["mask"])
-    torch.testing.assert_close(wrapped.null()[0], data.null()[0])
-
-
-def test_latent_scale_is_one_over_std_of_all_latents():
-    asked, given = [], []
-
-    class Fake:  # returns N(0, 2.5^2) + 1 "images", seeded by step, and records what was asked
-        def get_batch(self, step, batch_size):
-            asked.append(batch_size)
-            x = 2.5 * torch.randn(batch_size, 4, 2, 2, generator=torch.Generator().manual_seed(step)) + 1
-            given.append(x)
-            return {"x": x}
-
-    scale, mean = lvp.latent_scale(lambda x: 3 * x, Fake(), 40, batch_size=16)
-    assert sum(asked) == 40 and max(asked) == 16
-    z = 3 * torch.cat(given).double()
-    assert scale == pytest.approx(1 / z.std().item(), rel=1e-5)
-    assert mean == pytest.approx(z.mean().item(), rel=1e-5)
-    assert (3 * torch.cat(given) * scale).std().item() == pytest.approx(1.0, rel=1e-5)
-
-
-def test_autoencoder_training_lowers_the_reconstruction_error():
-    enc, dec = tiny_ae()
-    data = shapes.ShapesData(32, 1)
-    x = data.get_batch(10_000, 16)["x"]  # held-out renders
-    with torch.no_grad():
-        before = torch.nn.functional.mse_loss(dec(enc(x)), x).item()
-    run = lvp.train_autoencoder(enc, dec, data, seconds=60, batch_size=8, lr=3e-3, max_steps=40, log_every=10)
-    with torch.no_grad():
-        after = torch.nn.functional.mse_loss(dec(enc(x)), x).item()
-    assert run["steps"] == 40 and [s for s, _ in run["losses"]] == [10, 20, 30, 40]
-    assert after < 0.5 * before
-
-
 class Oracle(torch.nn.Module):
     """A 'model' whose velocity leads the sampler straight to given targets: v = (x - x0) / sigma, so the data
     prediction x - sigma v is x0 at every step. Row k of a batch gets targets[k] (one batch holds them all)."""
@@ -200,7 +144,7 @@ def test_latent_sampling_decodes_through_the_saved_decoder(tmp_path):
 
 
 def test_latent_dit_has_the_pixel_models_tokens_and_size():
-    pixel = PRESETS["shapes"]
+    pixel = PRESETS["shapes-pixel"]
     c = lvp.latent_dit_config(pixel, 16, "ae.safetensors")
     assert (c.in_channels, c.patch_size, c.vae) == (16, 1, "ae.safetensors")
     assert (8 // c.patch_size) ** 2 == (32 // pixel.patch_size) ** 2 == 64  # the same 64 tokens

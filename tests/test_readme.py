@@ -13,7 +13,8 @@ def readme_commands(section):
     text = open(os.path.join(ROOT, "README.md")).read()
     body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
     lines = [l.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", body, re.S) for l in block.splitlines()]
-    return [l for l in lines if l.startswith("python ")]
+    cmds = [c.strip() for l in lines for c in l.split("&&")]  # "pip install ... && python sample.py"
+    return [c for c in cmds if c.startswith("python ")]
 
 
 def tiny(cmd, tmp):
@@ -26,6 +27,8 @@ def tiny(cmd, tmp):
                  "--batch_size=4", "--eval_every=0", "--progress=False"]
     elif script == "sample.py":
         args += ["--steps", "2", "--out", f"{tmp}/samples", "--no_progress"]
+    elif script == "autoencoder.py":  # never overwrite the shipped weights/shapes_ae.safetensors
+        args += ["--out", f"{tmp}/ae.safetensors", "--steps", "2", "--batch_size", "4", "--calib_images", "8"]
     elif script == "shapes.py":
         args += ["--out", f"{tmp}/grid.png"]
     return [sys.executable, *args]
@@ -39,3 +42,13 @@ def test_quick_start_commands_run(tmp_path):
                            env=dict(os.environ, OMP_NUM_THREADS="1"))
         assert r.returncode == 0, f"{cmd}\n{r.stderr[-2000:]}"
     assert os.path.exists(tmp_path / "samples" / "grid.png") and os.path.exists(tmp_path / "grid.png")
+
+
+def test_the_two_command_start_runs_the_shipped_model(tmp_path):
+    """`pip install -r requirements.txt && python sample.py`: the shipped weights, demo prompts, a grid."""
+    cmds = readme_commands("Quick start")
+    assert cmds[:2] == ["python sample.py", "python -m pytest"], cmds
+    r = subprocess.run(tiny(cmds[0], tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert os.path.exists(tmp_path / "samples" / "grid.png")

@@ -1,0 +1,184 @@
+"""
+The laptop's latent space: a tiny DC-AE for the shapes world, trained in a few CPU-minutes.
+
+SANA denoises in the latent space of DC-AE (f32c32: a 1024px image becomes 32x32x32; SANA Sec. 2.1). A 32x32
+shapes image would leave one latent pixel at f32, so the laptop uses the same architecture (model.DCAEEncoder /
+DCAEDecoder) at f4: three stages of ResBlocks, widths 16/32/64, 32x32x3 -> 8x8x16 (model.DCAE_PRESETS["shapes"]).
+The choice was measured, not assumed: experiments/latent_vs_pixel.py, at equal CPU time, latent 0.118 vs pixel
+0.028 (README, "The shapes world").
+
+    python autoencoder.py                                      # -> weights/shapes_ae.safetensors (~3 min, 2 cores)
+    python autoencoder.py --out /tmp/ae.safetensors --steps 20  # seconds
+
+1. train:  MSE reconstruction of ground-truth renders (a stream of its own, seed + 1), Adam, cosine decay.
+2. scale:  scaling_factor = 1 / std of the latents over renders it was not trained on (seed + 2), so the DiT
+           sees latents of unit variance, as SANA's 0.41407 does for f32c32.
+3. check:  reconstruction MSE and the shapes checker on reconstructions of the eval set's ground-truth renders
+           (4 per prompt): the ceiling of any DiT that denoises in this space.
+The file holds both halves under AutoencoderDC's key prefixes (encoder.*, decoder.*) with the config in the
+metadata; DCAEEncoder/DCAEDecoder.from_pretrained read their half. A grid of renders and their reconstructions
+is written next to it (<out>_reconstructions.png).
+
+LatentData wraps a data stream (shapes.ShapesData, anything with get_batch/null) so that its batches carry
+x = encoder(image) * scaling_factor: train.py and prune.py use it for every model whose config names a vae file.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import shapes
+from model import DCAE_PRESETS, DCAEDecoder, DCAEEncoder, atomic_save_file, local_path
+
+DEFAULT_OUT = "weights/shapes_ae.safetensors"
+
+# -----------------------------------------------------------------------------
+# latents for the DiT
+
+
+class LatentData:
+    """A data stream in latent space: get_batch(...)["x"] = encoder(x) * scaling_factor, (B, C, H/f, W/f).
+    Captions (y, mask, prompts) and null() are the wrapped stream's own. The encoder is frozen."""
+
+    def __init__(self, data, vae):
+        enc = vae if isinstance(vae, DCAEEncoder) else DCAEEncoder.from_pretrained(local_path(vae))
+        self.data, self.enc, self.encoder = data, enc.eval().requires_grad_(False), data.encoder
+
+    @torch.no_grad()
+    def get_batch(self, step, batch_size, rank=0, world_size=1):
+        batch = self.data.get_batch(step, batch_size, rank, world_size)
+        batch["x"] = self.enc(batch["x"]) * self.enc.scaling_factor
+        return batch
+
+    def null(self):
+        return self.data.null()
+
+
+# -----------------------------------------------------------------------------
+# training, scaling, checking
+
+
+def train_autoencoder(enc, dec, data, steps=0, batch_size=32, lr=1e-3, seconds=0.0, log_every=100):
+    """MSE on renders with Adam; `steps` with cosine decay to lr/10, or (steps=0) constant lr until `seconds` of
+    CPU time (experiments/latent_vs_pixel.py's budget). -> {"steps", "cpu_seconds", "wall_seconds", "losses"}."""
+    if steps <= 0 and seconds <= 0:
+        raise ValueError("give steps > 0 or seconds > 0")
+    opt = torch.optim.Adam(list(enc.parameters()) + list(dec.parameters()), lr=lr)
+    losses, step, cpu0, wall0 = [], 0, time.process_time(), time.time()
+    enc.train()
+    dec.train()
+    while (step < steps) if steps > 0 else (step == 0 or time.process_time() - cpu0 < seconds):
+        if steps > 0:
+            opt.param_groups[0]["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+        x = data.get_batch(step, batch_size)["x"]  # (B, 3, H, W) in [-1, 1]
+        loss = F.mse_loss(dec(enc(x)), x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if step % log_every == 0:
+            losses.append((step, loss.item()))
+            print(f"autoencoder step {step}: mse {losses[-1][1]:.5f} ({time.time() - wall0:.0f} s)", flush=True)
+    enc.eval()
+    dec.eval()
+    return {"steps": step, "cpu_seconds": time.process_time() - cpu0, "wall_seconds": time.time() - wall0,
+            "losses": losses}
+
+
+@torch.no_grad()
+def latent_scale(enc, data, n, batch_size=256):
+    """(1 / std, mean) of the encoder's latents over n renders, all channels and positions pooled."""
+    z = torch.cat([enc(data.get_batch(s, min(batch_size, n - s * batch_size))["x"])
+                   for s in range(math.ceil(n / batch_size))])  # (n, C, h, w)
+    return 1.0 / z.float().std().item(), z.float().mean().item()
+
+
+def to_unit(u8):
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], as ShapesData feeds the models."""
+    return torch.from_numpy(shapes.TO_UNIT[u8].transpose(0, 3, 1, 2).copy())
+
+
+@torch.no_grad()
+def evaluate_autoencoder(enc, dec, prompts, images_per_prompt, size, seed, batch_size=256):
+    """MSE and the checker on reconstructions of the prompts' ground-truth renders -> (scores, renders, recons)."""
+    groups = [p for p in prompts for _ in range(images_per_prompt)]
+    x = to_unit(shapes.render_batch([p.spec for p in groups], size, np.random.default_rng(seed)))  # (N, 3, H, W)
+    rec = torch.cat([dec(enc(x[i:i + batch_size])) for i in range(0, len(x), batch_size)]).clamp(-1, 1)
+    return {"mse": F.mse_loss(rec, x).item(), "checker": shapes.evaluate(rec, groups),
+            "checker_ground_truth": shapes.evaluate(x, groups)}, x, rec
+
+
+def save_autoencoder(enc, dec, path, **meta):
+    """Both halves in one .safetensors (AutoencoderDC's encoder./decoder. prefixes), config in the metadata."""
+    if dataclasses.asdict(enc.config) != dataclasses.asdict(dec.config):
+        raise ValueError("encoder and decoder configs differ; save them with their own save_pretrained")
+    tensors = {**{"encoder." + k: v for k, v in enc.state_dict().items()},
+               **{"decoder." + k: v for k, v in dec.state_dict().items()}}
+    atomic_save_file(tensors, path, {"format": "nanosana-dcae", "config": json.dumps(dataclasses.asdict(enc.config)),
+                                     **{k: json.dumps(v) for k, v in meta.items()}})
+
+
+# -----------------------------------------------------------------------------
+# the script
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=DEFAULT_OUT, help="the .safetensors to write (both halves)")
+    ap.add_argument("--preset", default="shapes", choices=[k for k in DCAE_PRESETS if k != "dc-ae-f32c32"])
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch_size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--image_size", type=int, default=32)
+    ap.add_argument("--calib_images", type=int, default=1024, help="renders that set the scaling factor")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
+    args = ap.parse_args(argv)
+    if min(args.steps, args.batch_size, args.calib_images, args.image_size) < 1 or args.lr <= 0:
+        raise SystemExit("error: --steps, --batch_size, --calib_images and --image_size must be >= 1, --lr > 0")
+    config = DCAE_PRESETS[args.preset]
+    factor = 2 ** (len(config.widths) - 1)
+    if args.image_size % factor:
+        raise SystemExit(f"error: --image_size {args.image_size} must be a multiple of the autoencoder's factor "
+                         f"{factor}")
+    if not args.out.endswith(".safetensors"):
+        raise SystemExit(f"error: --out {args.out}: give a .safetensors path")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(args.seed)
+    enc, dec = DCAEEncoder(config), DCAEDecoder(config)
+    params = sum(p.numel() for m in (enc, dec) for p in m.parameters())
+    print(f"tiny DC-AE '{args.preset}': f{factor}, widths {config.widths}, {config.latent_channels} latent channels, "
+          f"{params / 1e6:.2f}M parameters; {args.steps} steps of batch {args.batch_size}", flush=True)
+    run = train_autoencoder(enc, dec, shapes.ShapesData(args.image_size, args.seed + 1), args.steps,
+                            args.batch_size, args.lr)
+    scale, mean = latent_scale(enc, shapes.ShapesData(args.image_size, args.seed + 2), args.calib_images)
+    enc.config = dec.config = dataclasses.replace(config, scaling_factor=scale)
+    scores, x, rec = evaluate_autoencoder(enc, dec, shapes.load_eval_prompts(), shapes.IMAGES_PER_PROMPT,
+                                          args.image_size, args.seed)
+    command = "python autoencoder.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    save_autoencoder(enc, dec, args.out, command=command, steps=run["steps"], mse=scores["mse"],
+                     checker=scores["checker"]["overall"], latent_mean=mean)
+    idx = list(range(0, min(len(x), 24 * shapes.IMAGES_PER_PROMPT), 2 * shapes.IMAGES_PER_PROMPT))
+    texts = [p.text for p in shapes.load_eval_prompts() for _ in range(shapes.IMAGES_PER_PROMPT)]
+    grid = torch.stack([x[idx], rec[idx]], dim=1).flatten(0, 1)  # render, reconstruction, render, ...
+    png = os.path.splitext(args.out)[0] + "_reconstructions.png"
+    shapes.save_grid(grid, [t for i in idx for t in ("render: " + texts[i], "decoded: " + texts[i])], png)
+    print(f"{run['steps']} steps in {run['wall_seconds']:.0f} s: reconstruction mse {scores['mse']:.5f}; checker on "
+          f"reconstructions {scores['checker']['overall']:.3f} (renders {scores['checker_ground_truth']['overall']:.3f}); "
+          f"scaling factor {scale:.4f}\nwrote {args.out} and {png}")
+    return scores
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""autoencoder.py: the laptop's tiny DC-AE, its file, LatentData, and the latent path through train.py."""
+import dataclasses
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import autoencoder
+import shapes
+from autoencoder import LatentData, save_autoencoder, train_autoencoder
+from model import DCAE_PRESETS, PRESETS, DCAEConfig, DCAEDecoder, DCAEEncoder, LinearDiT, save_model, vae_factor
+from train import TrainConfig, evaluate_shapes, make_data, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_ae(widths=(8, 16, 16), channels=8):
+    torch.manual_seed(0)
+    config = DCAEConfig(latent_channels=channels, widths=widths, encoder_depths=(1,) * 3, decoder_depths=(1,) * 3,
+                        block_types=("ResBlock",) * 3, qkv_multiscales=((),) * 3, scaling_factor=1.0)
+    return DCAEEncoder(config), DCAEDecoder(config)
+
+
+def tiny_ae(path, scale=0.5):
+    torch.manual_seed(0)
+    config = dataclasses.replace(DCAE_PRESETS["shapes"], scaling_factor=scale)
+    enc, dec = DCAEEncoder(config), DCAEDecoder(config)
+    save_autoencoder(enc, dec, str(path))
+    return enc, dec
+
+
+def test_one_file_holds_both_halves(tmp_path):
+    enc, dec = tiny_ae(tmp_path / "ae.safetensors")
+    enc2 = DCAEEncoder.from_pretrained(str(tmp_path / "ae.safetensors"))
+    dec2 = DCAEDecoder.from_pretrained(str(tmp_path / "ae.safetensors"))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert enc2(x).shape == (2, 16, 8, 8)
+    torch.testing.assert_close(enc2(x), enc(x))
+    torch.testing.assert_close(dec2(enc(x)), dec(enc(x)))
+    assert enc2.scaling_factor == 0.5 and vae_factor(str(tmp_path / "ae.safetensors")) == 4
+
+
+def test_latent_data_is_shapes_data_through_the_frozen_encoder():
+    enc, _ = small_ae()
+    enc.config = dataclasses.replace(enc.config, scaling_factor=0.37)
+    cache = {}
+
+    def text(texts):  # a fake caption encoder: deterministic per caption
+        for t in texts:
+            cache.setdefault(t, torch.full((3, 5), float(len(t))))
+        return torch.stack([cache[t] for t in texts]), torch.ones(len(texts), 3, dtype=torch.long)
+
+    text.dim = 5
+    data = shapes.ShapesData(32, 3, shapes.CaptionCache(text))
+    wrapped = LatentData(data, enc)
+    got, ref = wrapped.get_batch(7, 6, 1, 2), data.get_batch(7, 6, 1, 2)
+    with torch.no_grad():
+        want = enc(ref["x"]) * 0.37
+    assert got["x"].shape == (3, 8, 8, 8) and not got["x"].requires_grad
+    torch.testing.assert_close(got["x"], want)
+    assert got["prompts"] == ref["prompts"]
+    torch.testing.assert_close(got["y"], ref["y"])
+    torch.testing.assert_close(got["mask"], ref["mask"])
+    torch.testing.assert_close(wrapped.null()[0], data.null()[0])
+
+
+def test_latent_scale_is_one_over_std_of_all_latents():
+    asked, given = [], []
+
+    class Fake:  # returns N(0, 2.5^2) + 1 "images", seeded by step, and records what was asked
+        def get_batch(self, step, batch_size):
+            asked.append(batch_size)
+            x = 2.5 * torch.randn(batch_size, 4, 2, 2, generator=torch.Generator().manual_seed(step)) + 1
+            given.append(x)
+            return {"x": x}
+
+    scale, mean = autoencoder.latent_scale(lambda x: 3 * x, Fake(), 40, batch_size=16)
+    assert sum(asked) == 40 and max(asked) == 16
+    z = 3 * torch.cat(given).double()
+    assert scale == pytest.approx(1 / z.std().item(), rel=1e-5)
+    assert mean == pytest.approx(z.mean().item(), rel=1e-5)
+    assert (3 * torch.cat(given) * scale).std().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_autoencoder_training_lowers_the_reconstruction_error():
+    enc, dec = small_ae()
+    data = shapes.ShapesData(32, 1)
+    x = data.get_batch(10_000, 16)["x"]  # held-out renders
+    with torch.no_grad():
+        before = torch.nn.functional.mse_loss(dec(enc(x)), x).item()
+    run = train_autoencoder(enc, dec, data, steps=40, batch_size=8, lr=3e-3, log_every=10)
+    with torch.no_grad():
+        after = torch.nn.functional.mse_loss(dec(enc(x)), x).item()
+    assert run["steps"] == 40 and [s for s, _ in run["losses"]] == [10, 20, 30, 40]
+    assert after < 0.5 * before
+
+
+def test_the_laptop_preset_trains_on_latents_and_evaluates_decoded_images(tmp_path):
+    tiny_ae(tmp_path / "ae.safetensors")
+    mcfg = dataclasses.replace(PRESETS["shapes-tiny"], in_channels=16, patch_size=2,
+                               vae=str(tmp_path / "ae.safetensors"))
+    torch.manual_seed(0)
+    save_model(LinearDiT(mcfg), str(tmp_path / "init.safetensors"))
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), init_from=str(tmp_path / "init.safetensors"), batch_size=4,
+                      max_steps=2, warmup_steps=1, log_every=1, save_every=1000, progress=False, dtype="float32",
+                      eval_every=2, eval_prompts=1, eval_steps=2)
+    data = make_data(cfg, mcfg)
+    assert data.get_batch(0, 2)["x"].shape == (2, 16, 8, 8)
+    out = train(cfg)
+    assert set(out["eval"]) >= set(shapes.CATEGORIES)
+    model = LinearDiT.from_pretrained(str(tmp_path / "run" / "ckpt" / "model.safetensors"))
+    assert model.config.vae == str(tmp_path / "ae.safetensors")
+    assert os.path.exists(tmp_path / "run" / "samples-0000002.png")  # decoded 32x32 images, not 8x8 latents
+
+
+def test_the_command_writes_a_loadable_file(tmp_path):
+    out = tmp_path / "ae.safetensors"
+    scores = autoencoder.main(["--out", str(out), "--steps", "3", "--calib_images", "8", "--batch_size", "4"])
+    assert 0.0 <= scores["checker"]["overall"] <= 1.0 and scores["checker_ground_truth"]["overall"] > 0.99
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert "--steps 3" in meta["command"]
+    assert DCAEEncoder.from_pretrained(str(out)).scaling_factor != 1.0  # calibrated
+    assert os.path.exists(tmp_path / "ae_reconstructions.png")
+
+
+@pytest.mark.parametrize("argv, message", [(["--steps", "0"], "must be >= 1"),
+                                           (["--image_size", "30"], "multiple of"),
+                                           (["--out", "ae.pt"], ".safetensors")])
+def test_bad_flags_give_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        autoencoder.main(argv)
+    assert message in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_the_shipped_autoencoder_is_the_laptop_presets():
+    vae = PRESETS["shapes"].vae
+    assert vae and os.path.isfile(os.path.join(ROOT, vae)), "weights/shapes_ae.safetensors is shipped in the repo"
+    enc = DCAEEncoder.from_pretrained(os.path.join(ROOT, vae))
+    assert enc.config.latent_channels == PRESETS["shapes"].in_channels and enc.factor == 4
