@@ -280,10 +280,35 @@ def evaluate_curve(images, prompts, n, judge, out):
         N *= 2
     with open(os.path.join(out, "scaling.json"), "w") as f:
         json.dump(rows, f, indent=1)
+    plot_curve(rows, os.path.join(out, "scaling.png"))
     print(shapes.format_table(rows[0]["judge"], name="N=1"))
     print(shapes.format_table(rows[-1]["judge"], name=f"best of {rows[-1]['N']} (judge)", header=False))
     print(shapes.format_table(rows[-1]["checker"], name=f"best of {rows[-1]['N']} (checker)", header=False))
     return rows
+
+
+def plot_curve(rows, path):
+    """Fig. 8's plot: overall score against N (log scale), judge and checker; skipped without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no scaling.png; the numbers are in scaling.json)")
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    Ns = [r["N"] for r in rows]
+    for name, style in (("judge", "o-"), ("checker", "s--")):
+        label = "SaVILA-tiny picks" if name == "judge" else "checker picks (ceiling)"
+        ax.plot(Ns, [r[name]["overall"] for r in rows], style, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("N (samples per image)")
+    ax.set_ylabel("checker overall")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None):
