@@ -7,7 +7,7 @@ DCAEDecoder) at f4: three stages of ResBlocks, widths 16/32/64, 32x32x3 -> 8x8x1
 The choice was measured, not assumed: experiments/latent_vs_pixel.py, at equal CPU time, latent 0.118 vs pixel
 0.028 (README, "The shapes world").
 
-    python autoencoder.py                                      # -> weights/shapes_ae.safetensors (~3 min, 2 cores)
+    python autoencoder.py                                      # -> weights/shapes_ae.safetensors (~4 min, 2 cores)
     python autoencoder.py --out /tmp/ae.safetensors --steps 20  # seconds
 
 1. train:  MSE reconstruction of ground-truth renders (a stream of its own, seed + 1), Adam, cosine decay.

@@ -86,6 +86,7 @@ def parse_args(argv):
     ap.add_argument("--preset", help="architecture --train_steps trains (default shapes)")
     ap.add_argument("--train_batch_size", type=int, help="batch of the --train_steps run (0: config/shapes.py's)")
     ap.add_argument("--finetune_steps", type=int, help="recovery fine-tune after pruning (default 100, the paper's)")
+    ap.add_argument("--finetune_lr", type=float, default=0.0, help="lr of the recovery fine-tune (0: the source's)")
     ap.add_argument("--calib_prompts", type=int, help="calibration prompts for the importance (default 100)")
     ap.add_argument("--timesteps", type=int, help="timesteps the importance averages over (default 10)")
     ap.add_argument("--eval_prompts", type=int, help="0: the whole eval set; n: its first n prompts per category")
@@ -104,8 +105,8 @@ def parse_args(argv):
     for k in ("finetune_steps", "calib_prompts", "timesteps", "steps", "batch_size", "depth"):
         if getattr(args, k) < 1:
             raise SystemExit(f"error: --{k} must be >= 1, got {getattr(args, k)}")
-    if args.train_steps < 0 or args.eval_prompts < 0 or args.train_batch_size < 0:
-        raise SystemExit("error: --train_steps, --eval_prompts and --train_batch_size must be >= 0")
+    if args.train_steps < 0 or args.eval_prompts < 0 or args.train_batch_size < 0 or args.finetune_lr < 0:
+        raise SystemExit("error: --train_steps, --eval_prompts, --train_batch_size and --finetune_lr must be >= 0")
     return args
 
 
@@ -262,7 +263,7 @@ def main(argv=None):
     lap("score_full")
 
     # Table 3: pruned, then the 100-step recovery fine-tune with the source run's loss and recipe (Sec. 2.4)
-    ft_cfg = PruneConfig(finetune_steps=args.finetune_steps, progress=args.progress)
+    ft_cfg = PruneConfig(finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, progress=args.progress)
     for frac, d in depths.items():
         pruned = prune(model, kept[frac])
         run_dir = os.path.join(args.out, f"finetune_{d}")
@@ -301,7 +302,7 @@ def main(argv=None):
            "goal": {"kept_fraction": fraction, "target": GOAL, "met": fraction is not None and fraction >= GOAL},
            "compute": {"unit": "block-steps = steps x depth", "batch_size": tc.batch_size,
                        "source_steps": source_steps, "finetune_steps": args.finetune_steps,
-                       "finetune_lr": tc.lr, "scratch_steps": scratch_steps},
+                       "finetune_lr": args.finetune_lr or tc.lr, "scratch_steps": scratch_steps},
            "calibration": {"prompts": args.calib_prompts, "timesteps": args.timesteps},
            "eval": {"prompts": len(prompts), "images_per_prompt": shapes.IMAGES_PER_PROMPT, "steps": args.steps,
                     "cfg": args.cfg, "sampler": args.sampler, "seed": args.seed},
