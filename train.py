@@ -328,6 +328,8 @@ def train(cfg):
     """Run training; returns {"step", "losses": [(step, loss)], "eval": last eval result or None}."""
     rank, _, world, device = setup_distributed()
     print0 = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    if cfg.decay_steps < 0:
+        raise SystemExit(f"error: --decay_steps={cfg.decay_steps} must be >= 0 (0: constant lr)")
     if cfg.batch_size % world:
         raise SystemExit(f"error: batch_size {cfg.batch_size} is not divisible by the world size {world}")
     micro = cfg.micro_batch_size or cfg.batch_size // world

@@ -128,6 +128,16 @@ def test_bad_flags_and_checkpoints_one_line_errors(tmp_path):
         train(tiny(tmp_path, preset="gpt5"))
     with pytest.raises(SystemExit, match="no training state"):
         train(tiny(tmp_path / "fresh", resume=True))
+    with pytest.raises(SystemExit, match="decay_steps"):
+        train(tiny(tmp_path, decay_steps=-1))
+
+
+def test_lr_warms_up_then_cools_down_to_zero():
+    from train import lr_at
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=100, decay_steps=20)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == lr_at(79, cfg) == pytest.approx(1.0)
+    assert lr_at(90, cfg) == pytest.approx(0.5) and lr_at(99, cfg) == pytest.approx(0.05)
+    assert lr_at(99, dataclasses.replace(cfg, decay_steps=0)) == pytest.approx(1.0)  # official: constant
 
 
 def test_dry_run_allocates_nothing(capsys):
