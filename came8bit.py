@@ -32,6 +32,12 @@ Deviations from the official `CAME8BitWrapper` (NVlabs/Sana diffusion/utils/opti
   dims of a 3x3 kernel).
 - e1 is added to the row and column means rather than to every g^2: the same number, one pass fewer.
 - No `step` or `RMS` entries in the state: CAME has no bias correction, and the official code never reads them.
+- Optional, off by default (the paper and the official code have none): `bias_correction=True` divides the
+  instability R by (1 - b3^t), as Adam does for its moments. Without it, R starts near 0 and warms up over
+  ~1/(1 - b3) = 10^4 steps, so early steps are up to 1/sqrt(1 - b3^t) larger than lr says: 10x at step 100,
+  2.2x at step 2000. Short laptop runs at a laptop learning rate sit on a loss plateau for their first few
+  hundred steps because of it (NOTES.md); long real-scale runs with 2000 warm-up steps barely notice. A
+  per-group step count (in param_groups, so it is saved and resumed) gives t.
 - FSDP2 (`fully_shard`): each rank updates its own shard (`p.to_local()`, rows split along dim 0). Row
   statistics are local; the column sums, the mean of the row statistics and the clipping RMS are summed over
   the shards with `all_reduce`, so the fp32 math is the unsharded math. The 8-bit blocks tile each rank's
@@ -166,7 +172,7 @@ class CAME8bit(torch.optim.Optimizer):
     """CAME with block-wise 8-bit first moments (Sec. 2.3). quantize=False is plain 32-bit CAME."""
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16), clip_threshold=1.0,
-                 weight_decay=0.0, block_size=2048, min_8bit_size=16384, quantize=True):
+                 weight_decay=0.0, block_size=2048, min_8bit_size=16384, quantize=True, bias_correction=False):
         if not lr >= 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if len(betas) != 3 or not all(0 <= b < 1 for b in betas):
@@ -181,7 +187,7 @@ class CAME8bit(torch.optim.Optimizer):
             raise ValueError(f"block_size must be >= 1 and min_8bit_size >= 0, got {block_size}, {min_8bit_size}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=tuple(eps), clip_threshold=clip_threshold,
                         weight_decay=weight_decay, block_size=block_size, min_8bit_size=min_8bit_size,
-                        quantize=quantize)
+                        quantize=quantize, bias_correction=bias_correction)
         super().__init__(params, defaults)
 
     def _init_state(self, p, group):
@@ -209,6 +215,7 @@ class CAME8bit(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            group["step"] = group.get("step", 0) + 1  # t, for the optional bias correction of R
             params = [p for p in group["params"] if p.grad is not None]
             if any(p.grad.is_sparse for p in params):
                 raise ValueError("CAME8bit does not support sparse gradients; use dense gradients")
@@ -287,9 +294,11 @@ class CAME8bit(torch.optim.Optimizer):
         res_row.lerp_(res.mean(dim=1).add_(eps2), 1 - beta3)  # (r,)
         res_col.lerp_(_sum_shards(res.sum(dim=0), shards).div_(rows).add_(eps2), 1 - beta3)  # (c,)
         res_row_factor = res_row.div(_sum_shards(res_row.sum(), shards) / rows).rsqrt_()  # (r,)
+        # optional: R / (1 - b3^t) is the same as lr * sqrt(1 - b3^t) (the row factor is scale-free)
+        lr_r = lr * math.sqrt(1 - beta3 ** group["step"]) if group["bias_correction"] else lr
         # p -= lr m / sqrt(R_r R_c^T / mean(R_r)): the row factor here, the column factor inside addcmul_
         step = torch.mul(exp_avg, res_row_factor[:, None], out=res)  # (r, c)
-        weight.view(step.shape).addcmul_(step, res_col.rsqrt(), value=-lr)
+        weight.view(step.shape).addcmul_(step, res_col.rsqrt(), value=-lr_r)
         if weight is not param:
             param.copy_(weight)
         if "exp_avg_codes" in state:  # store m back in 8 bits; this step used the fp32 m (official order)

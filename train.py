@@ -63,6 +63,7 @@ class TrainConfig:
     max_steps: int = 2000
     max_minutes: float = 0.0  # stop (and save) after this much training wall time (evaluations excluded); 0: none
     optimizer: str = "came8bit"  # came8bit | came | adamw
+    came_bias_correction: bool = False  # divide CAME's instability by 1 - b3^t (not in the paper: came8bit.py)
     lr: float = 1e-4  # official: 1e-4 pre-training, 2e-5 fine-tuning
     weight_decay: float = 0.0
     warmup_steps: int = 100
@@ -173,7 +174,8 @@ def lr_at(step, cfg):
 def make_optimizer(params, cfg):
     if cfg.optimizer in ("came8bit", "came"):
         from came8bit import CAME8bit
-        return CAME8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay, quantize=cfg.optimizer == "came8bit")
+        return CAME8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay, quantize=cfg.optimizer == "came8bit",
+                        bias_correction=cfg.came_bias_correction)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-10, weight_decay=cfg.weight_decay)
     raise SystemExit(f"error: unknown optimizer '{cfg.optimizer}': use came8bit, came or adamw")

@@ -18,20 +18,22 @@ BETAS, EPS = (0.9, 0.999, 0.9999), (1e-30, 1e-16)
 # a float64 CAME, written from the equations (Luo et al. 2023, Alg. 1; SANA's wrapper for shapes and eps)
 
 
-def reference_step(p, g, st, lr, wd=0.0, clip=1.0, betas=BETAS, eps=EPS):
+def reference_step(p, g, st, lr, wd=0.0, clip=1.0, betas=BETAS, eps=EPS, bias_correction=False):
     """One CAME step in float64 on full tensors: V = r c^T / mean(r) and S = R_r R_c^T / mean(R_r) formed
-    explicitly. Returns the new parameter; st holds the statistics (filled on the first call)."""
+    explicitly (S / (1 - b3^t) with bias_correction). Returns the new parameter; st holds the statistics and the
+    step count t (filled on the first call)."""
     b1, b2, b3 = betas
     e1, e2 = eps
     matrix = p.dim() == 2 or (p.dim() == 4 and p.shape[2:] == (1, 1))
     G = g.double().reshape(p.shape[0], -1) if matrix else g.double()
     if not st:
-        st["m"] = torch.zeros_like(G)
+        st["t"], st["m"] = 0, torch.zeros_like(G)
         if matrix:
             st["r"], st["c"] = torch.zeros(G.shape[0]).double(), torch.zeros(G.shape[1]).double()
             st["Rr"], st["Rc"] = torch.zeros(G.shape[0]).double(), torch.zeros(G.shape[1]).double()
         else:
             st["v"] = torch.zeros_like(G)
+    st["t"] += 1
     u = G**2 + e1
     if matrix:
         st["r"] = b2 * st["r"] + (1 - b2) * u.mean(dim=1)
@@ -47,7 +49,10 @@ def reference_step(p, g, st, lr, wd=0.0, clip=1.0, betas=BETAS, eps=EPS):
         R = (U - st["m"]) ** 2 + e2
         st["Rr"] = b3 * st["Rr"] + (1 - b3) * R.mean(dim=1)
         st["Rc"] = b3 * st["Rc"] + (1 - b3) * R.mean(dim=0)
-        update = st["m"] / (torch.outer(st["Rr"], st["Rc"]) / st["Rr"].mean()).sqrt()
+        S = torch.outer(st["Rr"], st["Rc"]) / st["Rr"].mean()
+        if bias_correction:
+            S = S / (1 - b3 ** st["t"])
+        update = st["m"] / S.sqrt()
     else:
         update = st["m"]
     return p.double() * (1 - lr * wd) - lr * update.reshape(p.shape)
@@ -62,18 +67,20 @@ def structured_grad(shape, gen):
     return g * 1e-2
 
 
-@pytest.mark.parametrize("shape, wd, clip", [
-    ((24, 16), 0.0, 1.0),
-    ((12, 8, 1, 1), 0.1, 1.0),  # 1x1 conv: factored as 12 x 8
-    ((6, 1, 3, 3), 0.0, 1.0),  # depthwise 3x3: full second moment (official code)
-    ((10,), 0.1, 1.0),
-    ((24, 16), 0.0, 100.0),  # clipping never active
+@pytest.mark.parametrize("shape, wd, clip, bc", [
+    ((24, 16), 0.0, 1.0, False),
+    ((12, 8, 1, 1), 0.1, 1.0, False),  # 1x1 conv: factored as 12 x 8
+    ((6, 1, 3, 3), 0.0, 1.0, False),  # depthwise 3x3: full second moment (official code)
+    ((10,), 0.1, 1.0, False),
+    ((24, 16), 0.0, 100.0, False),  # clipping never active
+    ((24, 16), 0.1, 1.0, True),  # the optional bias correction of the instability
+    ((10,), 0.0, 1.0, True),  # no instability term, nothing to correct
 ])
-def test_32bit_matches_float64_reference(shape, wd, clip):
+def test_32bit_matches_float64_reference(shape, wd, clip, bc):
     gen = torch.Generator().manual_seed(0)
     p = nn.Parameter(torch.randn(shape, generator=gen))
     st = {}
-    opt = CAME8bit([p], lr=1e-2, weight_decay=wd, clip_threshold=clip, quantize=False)
+    opt = CAME8bit([p], lr=1e-2, weight_decay=wd, clip_threshold=clip, quantize=False, bias_correction=bc)
     for step in range(6):
         g = structured_grad(shape, gen)
         if len(shape) == 2 and step < 3:
@@ -81,7 +88,7 @@ def test_32bit_matches_float64_reference(shape, wd, clip):
         before = p.detach().double().clone()
         p.grad = g
         opt.step()
-        expected = reference_step(before, g, st, lr=1e-2, wd=wd, clip=clip)
+        expected = reference_step(before, g, st, lr=1e-2, wd=wd, clip=clip, bias_correction=bc)
         # steps are ~1e-2; atol is rounding p itself to fp32 (half an ulp of |p| < 4)
         torch.testing.assert_close(p.detach().double(), expected, rtol=0, atol=3e-7)
         m = opt.state[p]["exp_avg"].double().reshape(st["m"].shape)
@@ -193,7 +200,7 @@ def test_only_large_matrices_are_quantized():
 def test_state_dict_round_trip_gives_identical_steps():
     gen = torch.Generator().manual_seed(5)
     params = make_params(gen)
-    opt = CAME8bit(params, lr=1e-3, weight_decay=0.01)
+    opt = CAME8bit(params, lr=1e-3, weight_decay=0.01, bias_correction=True)  # its step count must survive too
     grads = [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(5)]
     for gs in grads[:3]:
         for p, g in zip(params, gs):
@@ -207,7 +214,7 @@ def test_state_dict_round_trip_gives_identical_steps():
     opt2 = CAME8bit(params2, lr=5.0)  # hyperparameters come from the state dict
     opt2.load_state_dict(loaded)
     assert opt2.state[params2[0]]["exp_avg_codes"].dtype == torch.uint8
-    assert opt2.param_groups[0]["lr"] == 1e-3
+    assert opt2.param_groups[0]["lr"] == 1e-3 and opt2.param_groups[0]["step"] == 3
     for gs in grads[3:]:
         for p, p2, g in zip(params, params2, gs):
             p.grad, p2.grad = g.clone(), g.clone()
