@@ -4,7 +4,9 @@ Does 8-bit CAME converge like 32-bit CAME? SANA-1.5 Sec. 2.3 and Fig. 6, on the 
 The paper's claim (Fig. 6): CAME-8bit's loss curve follows 32-bit CAME's and converges faster than AdamW, at
 about 1/8 of AdamW's optimizer memory. This script trains the laptop model (config/shapes.py) for the same
 --steps with each optimizer: came8bit (CAME8bit, block-wise 8-bit first moments, Eq. 1), came (the same class
-with quantize=False) and adamw (torch.optim.AdamW). Everything else is shared: seed (so the same initial
+with quantize=False), adamw (torch.optim.AdamW), and came8bit_bc: CAME-8bit with the optional bias correction of
+its instability statistic (came8bit.py; not in the paper, which the first three follow: they run without it
+whatever the config says). Everything else is shared: seed (so the same initial
 weights), data stream, noise and timesteps (train.py draws them from (seed, step, sample)), batch, schedule and
 one lr for all three. The paper compares at equal settings, so AdamW gets the CAMEs' lr too, not a tuned one of
 its own: its curve says how AdamW does at that lr, not at its best.
@@ -42,8 +44,8 @@ from came8bit import optimizer_state_bytes  # noqa: E402
 from model import PRESETS, LinearDiT  # noqa: E402
 from train import make_optimizer  # noqa: E402
 
-OPTIMIZERS = ("came8bit", "came", "adamw")
-NAMES = {"came8bit": "CAME-8bit", "came": "CAME-32", "adamw": "AdamW-32"}
+OPTIMIZERS = ("came8bit", "came", "adamw", "came8bit_bc")
+NAMES = {"came8bit": "CAME-8bit", "came": "CAME-32", "adamw": "AdamW-32", "came8bit_bc": "CAME-8bit + bias corr."}
 QUICK = dict(preset="shapes-tiny", batch_size=4, steps=4, eval_prompts=1, eval_steps=2, log_every=1, warmup_steps=1)
 
 
@@ -53,9 +55,9 @@ def parse_args(argv):
     p.add_argument("--config", default="config/shapes.py", help="the laptop training settings")
     p.add_argument("--preset", default="shapes", help="model.PRESETS architecture")
     p.add_argument("--steps", type=int, default=2000, help="training steps of every run")
-    p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated subset of came8bit,came,adamw")
+    p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated subset of " + ",".join(OPTIMIZERS))
     p.add_argument("--batch_size", type=int, default=None, help="default: the config's (64)")
-    p.add_argument("--lr", type=float, default=None, help="one lr for every optimizer; default: the config's (1e-3)")
+    p.add_argument("--lr", type=float, default=None, help="one lr for every optimizer; default: the config's")
     p.add_argument("--warmup_steps", type=int, default=None, help="default: the config's (100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log_every", type=int, default=10)
@@ -80,6 +82,11 @@ def parse_args(argv):
 
 # -----------------------------------------------------------------------------
 # measurements
+
+
+def arm(base, name):
+    """The TrainConfig of one arm: the paper's optimizers without the bias correction, came8bit_bc with it."""
+    return dataclasses.replace(base, optimizer=name.removesuffix("_bc"), came_bias_correction=name.endswith("_bc"))
 
 
 def state_bytes(cfg):
@@ -166,11 +173,11 @@ def main(argv=None):
                        log_every=args.log_every, eval_every=args.steps, eval_prompts=args.eval_prompts,
                        eval_steps=args.eval_steps, save_every=args.steps, progress=not args.quick, **given)
     os.makedirs(args.out, exist_ok=True)
-    nbytes = {name: state_bytes(dataclasses.replace(base, optimizer=name)) for name in OPTIMIZERS}  # run or not
+    nbytes = {name: state_bytes(arm(base, name)) for name in OPTIMIZERS}  # run or not
     params = nbytes["adamw"][1]
     res = {"lr": base.lr, "params": params, "state_bytes": {name: b for name, (b, _) in nbytes.items()}, "runs": {}}
     for name in args.optimizers:
-        run = run_once(dataclasses.replace(base, optimizer=name, out_dir=os.path.join(args.out, name)))
+        run = run_once(dataclasses.replace(arm(base, name), out_dir=os.path.join(args.out, name)))
         run.update(final_loss=final_loss(run), final_checker=run["evals"][-1][1] if run["evals"] else None,
                    state_bytes=nbytes[name][0], state_bytes_per_param=nbytes[name][0] / params,
                    bytes_vs_adamw=nbytes[name][0] / nbytes["adamw"][0],

@@ -58,7 +58,10 @@ def is_finished(cfg):
         return False
     with open(marker) as f:
         done = json.load(f)
-    same = comparable(done["train_config"]) == comparable(dataclasses.asdict(cfg))
+    now, then = comparable(dataclasses.asdict(cfg)), comparable(done["train_config"])
+    defaults = dataclasses.asdict(type(cfg)())
+    then.update({k: v for k, v in now.items() if k not in then and v == defaults[k]})  # fields added since, at default
+    same = then == now
     same = same and done.get("source") == source_stamp(cfg)
     return same and (done["status"] == "nan" or os.path.exists(final_checkpoint(cfg)))
 

@@ -72,9 +72,11 @@ def parse_args(argv):
     p.add_argument("--inits", default=",".join(INITS), help="comma-separated growth strategies")
     p.add_argument("--drop_last", type=int, default=2, help="partial and cyclic; block always uses 0")
     p.add_argument("--batch_size", type=int, default=None, help="default: the config's (64)")
-    p.add_argument("--lr", type=float, default=None, help="default: the config's (1e-3)")
+    p.add_argument("--lr", type=float, default=None, help="default: the config's")
     p.add_argument("--optimizer", default=None, help="default: the config's (came8bit)")
     p.add_argument("--warmup_steps", type=int, default=None, help="default: the config's (100)")
+    p.add_argument("--came_bias_correction", type=int, choices=(0, 1), default=None,
+                   help="CAME's optional bias correction (came8bit.py), 0 or 1; default: the config's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log_every", type=int, default=10)
     p.add_argument("--smooth", type=int, default=10, help="trailing mean over this many logged losses")
@@ -244,8 +246,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    given = {k: getattr(args, k) for k in ("batch_size", "lr", "optimizer", "warmup_steps")
+    given = {k: getattr(args, k) for k in ("batch_size", "lr", "optimizer", "warmup_steps", "came_bias_correction")
              if getattr(args, k) is not None}  # the rest comes from --config
+    if "came_bias_correction" in given:
+        given["came_bias_correction"] = bool(given["came_bias_correction"])
     # constant lr (decay_steps=0, the official schedule): the small model, the grown ones and scratch stop mid-way
     # at comparable lrs, and "steps to reach scratch's final loss" is not skewed by one run's cool-down
     base = base_config(args.config, preset=args.preset, seed=args.seed, max_minutes=0.0, decay_steps=0,

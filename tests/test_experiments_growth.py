@@ -1,5 +1,6 @@
 """experiments/growth.py and experiments/came_convergence.py: --quick runs end to end, the compute accounting
 against hand-computed numbers, NaN runs recorded and finished runs reused, bad flags rejected."""
+import dataclasses
 import json
 import os
 import sys
@@ -66,8 +67,11 @@ def test_came_quick_end_to_end(tmp_path):
     out = tmp_path / "c"
     came_convergence.main(["--out", str(out), "--quick"])
     data = json.loads((out / "results.json").read_text())
-    assert set(data["runs"]) == {"came8bit", "came", "adamw"}
+    assert set(data["runs"]) == {"came8bit", "came", "adamw", "came8bit_bc"}
     runs = data["runs"]
+    for name in runs:  # the paper's optimizers run without the bias correction whatever the config says
+        cfg = json.loads((out / name / "run.json").read_text())["train_config"]
+        assert (cfg["optimizer"], cfg["came_bias_correction"]) == (name.removesuffix("_bc"), name == "came8bit_bc")
     for name, r in runs.items():
         assert r["status"] == "ok" and [s for s, _ in r["losses"]] == [1, 2, 3, 4]
         assert r["final_loss"] == pytest.approx(r["losses"][-1][1])  # 10% of 4 logged losses: the last one
@@ -77,8 +81,9 @@ def test_came_quick_end_to_end(tmp_path):
     # AdamW-32: two fp32 moments per parameter (+ a 4-byte step per tensor); CAME-8bit holds less than CAME-32
     assert 8.0 <= runs["adamw"]["state_bytes_per_param"] < 8.1
     assert runs["came8bit"]["state_bytes"] < runs["came"]["state_bytes"] < runs["adamw"]["state_bytes"]
+    assert runs["came8bit_bc"]["state_bytes"] == runs["came8bit"]["state_bytes"]  # a step count, no new tensors
     md = (out / "results.md").read_text()
-    assert data["command"] in md and md.count("\n| ") == 4 and "CAME-8bit" in md
+    assert data["command"] in md and md.count("\n| ") == 5 and "CAME-8bit + bias corr." in md
     assert os.path.exists(out / "came.png") == HAVE_MPL
 
 
@@ -139,3 +144,17 @@ def test_came_rejects_bad_flags():
         came_convergence.parse_args(["--optimizers", "came8bit,sgd"])
     with pytest.raises(SystemExit, match="error:"):
         came_convergence.parse_args(["--preset", "nope"])
+
+
+def test_a_run_finished_before_a_new_config_field_is_reused_only_at_that_fields_default(tmp_path):
+    """A run.json written before a TrainConfig field existed matches a config that leaves the field at its
+    default (the run is the same), and not one that changes it."""
+    cfg = common.TrainConfig(out_dir=str(tmp_path / "run"), max_steps=3, save_every=3)
+    final = common.final_checkpoint(cfg)
+    os.makedirs(os.path.dirname(final))
+    open(final, "w").close()
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "came_bias_correction"}
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"status": "ok", "train_config": old, "source": None}))
+    assert common.is_finished(cfg)
+    assert not common.is_finished(dataclasses.replace(cfg, came_bias_correction=True))
+    assert not common.is_finished(dataclasses.replace(cfg, lr=cfg.lr * 2))
