@@ -26,6 +26,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -272,12 +273,17 @@ def evaluate_curve(images, prompts, n, judge, out):
         sub = torch.cat([images[g * n:g * n + N] for g in range(len(groups))])  # the first N of each group
         row = {"N": N}
         for name, j in (("judge", judge), ("checker", oracle)):
+            t0 = time.perf_counter()
             kept, _ = best_of(sub, texts, N, 1, j)
+            row[f"{name}_seconds"] = time.perf_counter() - t0  # judging N candidates per group, tournament included
             row[name] = shapes.evaluate(kept, groups)
         rows.append(row)
         print(f"N={N:3d}  judge {row['judge']['overall']:.3f}  checker-picked (ceiling) {row['checker']['overall']:.3f}",
               flush=True)
         N *= 2
+    last = rows[-1]
+    print(f"judging {len(groups) * last['N']} candidates (best of {last['N']}): {last['judge_seconds']:.1f}s, "
+          f"{len(groups) * last['N'] / last['judge_seconds']:.0f} images/s")
     with open(os.path.join(out, "scaling.json"), "w") as f:
         json.dump(rows, f, indent=1)
     plot_curve(rows, os.path.join(out, "scaling.png"))
@@ -377,13 +383,19 @@ def main(argv=None):
     judge = load_judge(args.judge, device) if args.best_of > 1 else None
     n_per = (shapes.IMAGES_PER_PROMPT if args.eval else args.num_samples)
     groups = [p for p in prompts for _ in range(n_per)]  # one group of N candidates per kept image
+    t0 = time.perf_counter()
     images = sample_images(model, encoder, decoder, groups, args.best_of, args, device, dtype)
+    seconds = time.perf_counter() - t0
+    print(f"sampled {len(images)} images in {seconds:.1f}s: {len(images) / seconds:.1f} images/s "
+          f"({args.steps} steps, {torch.get_num_threads()} threads on {device.type})")
     os.makedirs(args.out, exist_ok=True)
     if args.eval and args.curve:
         evaluate_curve(images, shapes.load_eval_prompts(), args.best_of, judge, args.out)
         return
     if args.best_of > 1:
+        t0 = time.perf_counter()
         images, _ = best_of(images, groups, args.best_of, args.keep, judge)
+        print(f"judged {len(groups) * args.best_of} candidates in {time.perf_counter() - t0:.1f}s")
         groups = [p for p in groups for _ in range(args.keep)]
     if args.eval:
         result = shapes.evaluate(images, [shapes.as_prompt(p) for p in groups])
