@@ -63,7 +63,12 @@ def parse_args(argv):
         key, _, value = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or key not in known or not value:
             raise SystemExit(f"bad argument {arg!r}; use --key=value with key in {sorted(known)}")
-        globals()[key] = (value.lower() in ("1", "true", "yes")) if known[key] is bool else known[key](value)
+        if known[key] is bool and value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise SystemExit(f"bad argument {arg!r}: --{key} takes True or False")
+        try:
+            globals()[key] = (value.lower() in ("1", "true", "yes")) if known[key] is bool else known[key](value)
+        except ValueError:
+            raise SystemExit(f"bad argument {arg!r}: --{key} takes a {known[key].__name__}") from None
 
 
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -23,6 +23,8 @@ def test_gpu_bench_tiny_runs_every_path(tmp_path):
     assert all(i["latency_s"] > 0 and i["throughput_samples_per_s"] > 0 for i in report["inference"])
 
 
-def test_gpu_bench_rejects_unknown_flags():
-    r = subprocess.run([sys.executable, "bench/gpu_bench.py", "--nope=1"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode != 0 and "bad argument '--nope=1'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+def test_gpu_bench_rejects_unknown_flags_and_bad_values():
+    for arg in ("--nope=1", "--tiny=maybe", "--train_batch=eight"):
+        r = subprocess.run([sys.executable, "bench/gpu_bench.py", arg], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode != 0 and f"bad argument '{arg}'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
