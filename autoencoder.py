@@ -46,16 +46,18 @@ DEFAULT_OUT = "weights/shapes_ae.safetensors"
 
 class LatentData:
     """A data stream in latent space: get_batch(...)["x"] = encoder(x) * scaling_factor, (B, C, H/f, W/f).
-    Captions (y, mask, prompts) and null() are the wrapped stream's own. The encoder is frozen."""
+    Captions (y, mask, prompts) and null() are the wrapped stream's own. The encoder is frozen and runs on
+    `device` (train.py passes the training device: on a GPU the encoder would otherwise cost most of a step)."""
 
-    def __init__(self, data, vae):
+    def __init__(self, data, vae, device="cpu"):
         enc = vae if isinstance(vae, DCAEEncoder) else DCAEEncoder.from_pretrained(local_path(vae))
-        self.data, self.enc, self.encoder = data, enc.eval().requires_grad_(False), data.encoder
+        self.data, self.enc, self.encoder = data, enc.to(device).eval().requires_grad_(False), data.encoder
+        self.device = torch.device(device)
 
     @torch.no_grad()
     def get_batch(self, step, batch_size, rank=0, world_size=1):
         batch = self.data.get_batch(step, batch_size, rank, world_size)
-        batch["x"] = self.enc(batch["x"]) * self.enc.scaling_factor
+        batch["x"] = self.enc(batch["x"].to(self.device)) * self.enc.scaling_factor
         return batch
 
     def null(self):

@@ -205,8 +205,8 @@ def load_or_exit(path):
         raise SystemExit(f"error: {e}") from None
 
 
-def make_data(cfg, model_cfg):
-    """The shapes world, or a folder of captioned images cached to latents (data.py)."""
+def make_data(cfg, model_cfg, device="cpu"):
+    """The shapes world (its latents encoded on `device`), or a folder of captioned images cached to latents (data.py)."""
     encoder = cfg.text_encoder or model_cfg.text_encoder
     if cfg.data == "shapes":
         from shapes import ShapesData, laptop_text_encoder
@@ -214,7 +214,7 @@ def make_data(cfg, model_cfg):
         if not model_cfg.vae:
             return data  # pixel space
         from autoencoder import LatentData
-        return LatentData(data, model_cfg.vae)  # x = DC-AE latents (the laptop preset: 8x8x16)
+        return LatentData(data, model_cfg.vae, device)  # x = DC-AE latents (the laptop preset: 8x8x16)
     from data import FolderData
     return FolderData(cfg.data, encoder, model_cfg.text_max_length, seed=cfg.seed)
 
@@ -376,7 +376,7 @@ def train(cfg):
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng_cpu"])
 
-    data = make_data(cfg, raw_model.config)
+    data = make_data(cfg, raw_model.config, device)
     y_null, mask_null = (t.to(device) for t in data.null())  # the empty caption, for CFG dropout
     n_params = sum(p.numel() for p in raw_model.parameters())
     print0(f"model: {n_params / 1e6:.2f}M parameters, depth {raw_model.config.depth}; world {world}, "

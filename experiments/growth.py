@@ -42,9 +42,11 @@ checkpoint (and run.json) is there with the same settings is reused, not retrain
 
 import argparse
 import dataclasses
+import multiprocessing
 import os
 import shlex
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -84,6 +86,8 @@ def parse_args(argv):
     p.add_argument("--eval_prompts", type=int, default=0, help="0: the whole eval set; n: n per category")
     p.add_argument("--eval_steps", type=int, default=20, help="sampling steps of each checker evaluation")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, each in its own process (a GPU or a many-core node); 1: one by one")
     p.add_argument("--quick", action="store_true", help="tiny preset, batch 4, 3 + 3 steps: seconds, for tests")
     first, _ = p.parse_known_args(argv)
     if first.quick:
@@ -92,8 +96,9 @@ def parse_args(argv):
     args.inits = [s for s in args.inits.split(",") if s]
     if not args.inits or set(args.inits) - set(INITS):
         raise SystemExit(f"error: --inits={','.join(args.inits)}: use a comma-separated subset of {','.join(INITS)}")
-    if min(args.small_steps, args.grow_steps, args.log_every, args.smooth) < 1 or args.eval_every < 0:
-        raise SystemExit("error: --small_steps, --grow_steps, --log_every and --smooth must be >= 1, --eval_every >= 0")
+    if min(args.small_steps, args.grow_steps, args.log_every, args.smooth, args.jobs) < 1 or args.eval_every < 0:
+        raise SystemExit("error: --small_steps, --grow_steps, --log_every, --smooth and --jobs must be >= 1, "
+                         "--eval_every >= 0")
     if args.preset not in PRESETS:
         raise SystemExit(f"error: unknown preset '{args.preset}'; known: {', '.join(PRESETS)}")
     for init in args.inits:  # the same check grow() makes, before any training
@@ -260,17 +265,36 @@ def main(argv=None):
     out = lambda name: os.path.join(args.out, name)
     os.makedirs(args.out, exist_ok=True)
 
+    # --jobs > 1: scratch needs nothing from the small model, so it trains beside it; the grown runs then train
+    # side by side. Each run is the same function of its settings either way (its own seed and data stream).
+    pool = None
+    if args.jobs > 1:
+        pool = ProcessPoolExecutor(args.jobs - 1, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=torch.set_num_threads, initargs=(args.threads or 1,))
+        base = dataclasses.replace(base, progress=False)  # one tqdm bar per process would interleave
+
+    def start(cfg):
+        """Begin training `cfg` (in the pool, or here, at once); -> a function that returns its record."""
+        if pool:
+            return pool.submit(run_once, cfg).result
+        record = run_once(cfg)
+        return lambda: record
+
+    scratch = start(dataclasses.replace(base, out_dir=out("scratch"), depth=args.depth,
+                                        max_steps=args.small_steps + args.grow_steps))
     runs = {"small": run_once(dataclasses.replace(base, out_dir=out("small"), depth=args.small_depth,
                                                   max_steps=args.small_steps))}
     if runs["small"]["status"] != "ok":
         raise SystemExit(f"error: the small model's loss went NaN ({out('small')}); lower --lr and run again")
     small_ckpt = final_checkpoint(dataclasses.replace(base, out_dir=out("small"), max_steps=args.small_steps))
-    for init in args.inits:
-        runs[init] = run_once(dataclasses.replace(base, out_dir=out(f"grown_{init}"), depth=args.depth,
-                                                  grow_from=small_ckpt, grow_init=init,
-                                                  grow_drop_last=drop_last_of(init, args), max_steps=args.grow_steps))
-    runs["scratch"] = run_once(dataclasses.replace(base, out_dir=out("scratch"), depth=args.depth,
-                                                   max_steps=args.small_steps + args.grow_steps))
+    grown = {init: start(dataclasses.replace(base, out_dir=out(f"grown_{init}"), depth=args.depth,
+                                             grow_from=small_ckpt, grow_init=init,
+                                             grow_drop_last=drop_last_of(init, args), max_steps=args.grow_steps))
+             for init in args.inits}
+    runs.update({init: wait() for init, wait in grown.items()})
+    runs["scratch"] = scratch()
+    if pool:
+        pool.shutdown()
 
     res = analyse(runs, args)
     command = "python experiments/growth.py " + " ".join(shlex.quote(a) for a in argv)

@@ -226,6 +226,50 @@ def test_state_dict_round_trip_gives_identical_steps():
             assert torch.equal(value, opt2.state[p2][key]) and value.dtype == opt2.state[p2][key].dtype
 
 
+def test_same_shape_matrices_stacked_equal_one_by_one(monkeypatch):
+    """The optimizer updates same-shape matrices as one (k, r, c) stack: each must get exactly its own update, and
+    the per-matrix state (views into the stack) must save and load like any other."""
+    import came8bit
+
+    gen = torch.Generator().manual_seed(6)
+    shapes = [(130, 130)] * 3 + [(12, 8, 1, 1)] * 2 + [(24, 16)] * 4 + [(5,)]  # 130^2: 8-bit, a padded last block
+    start = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
+    grads = [[structured_grad(s, gen) for s in shapes] for _ in range(4)]
+
+    def run(max_stack, steps):
+        monkeypatch.setattr(came8bit, "MAX_STACK", max_stack)
+        params = [nn.Parameter(t.clone()) for t in start]
+        opt = CAME8bit(params, lr=1e-2, weight_decay=0.01, bias_correction=True)
+        for gs in grads[:steps]:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+        return params, opt
+
+    alone, opt_alone = run(1, 4)  # every matrix on its own
+    stacked, opt_stacked = run(2**22, 4)
+    for a, b in zip(alone, stacked):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        for key, value in opt_alone.state[a].items():
+            assert value.shape == opt_stacked.state[b][key].shape and value.dtype == opt_stacked.state[b][key].dtype
+            if value.dtype != torch.uint8:  # codes may differ by one step where a value sits on a rounding edge
+                torch.testing.assert_close(value, opt_stacked.state[b][key], rtol=1e-5, atol=1e-9)
+
+    params, opt = run(2**22, 3)  # state of a stacked run through torch.save / torch.load, then the 4th step
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    params2 = [nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = CAME8bit(params2)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    for ps, o in ((params, opt), (params2, opt2)):
+        for p, g in zip(ps, grads[3]):
+            p.grad = g.clone()
+        o.step()
+    for p, p2 in zip(params, params2):
+        assert torch.equal(p, p2)
+
+
 def test_bf16_params_step_in_fp32_and_keep_fp32_state_through_load():
     p = nn.Parameter(torch.randn(200, 100).bfloat16())
     p32 = nn.Parameter(p.detach().float())
