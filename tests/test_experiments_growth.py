@@ -6,6 +6,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
 import came_convergence  # noqa: E402
@@ -61,6 +62,23 @@ def test_growth_quick_end_to_end_and_reuse(tmp_path, capsys):
     stat = os.stat(grown.grow_from)
     os.utime(grown.grow_from, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert not common.is_finished(grown)
+
+
+def test_growth_jobs_trains_the_same_runs_side_by_side(tmp_path):
+    """--jobs 2: scratch trains in a second process beside the small model, then the grown run; same numbers."""
+    threads = torch.get_num_threads()
+    try:
+        flags = ["--quick", "--inits", "partial", "--threads", "1"]  # one thread here and in the worker: same math
+        one = json.loads(json.dumps(growth.main(["--out", str(tmp_path / "one")] + flags)))
+        two = json.loads(json.dumps(growth.main(["--out", str(tmp_path / "two"), "--jobs", "2"] + flags)))
+    finally:
+        torch.set_num_threads(threads)
+    runs = [json.loads((tmp_path / run / "results.json").read_text())["runs"] for run in ("one", "two")]
+    for name in ("small", "partial", "scratch"):  # the clock columns differ, the numbers may not
+        assert runs[0][name]["status"] == runs[1][name]["status"] == "ok"
+        assert runs[0][name]["losses"] == runs[1][name]["losses"] and runs[0][name]["evals"] == runs[1][name]["evals"]
+    assert one["target_loss"] == two["target_loss"]
+    assert one["grown"]["partial"]["final_loss"] == two["grown"]["partial"]["final_loss"]
 
 
 def test_came_quick_end_to_end(tmp_path):
