@@ -85,6 +85,8 @@ class TrainConfig:
     eval_prompts: int = 0  # 0: the whole eval set, one image per prompt; else the first n per category
     eval_steps: int = 20
     eval_cfg: float = 4.5
+    val_every: int = 0  # the loss on val_batches fixed batches (fixed images, noise, sigma): no batch-to-batch noise
+    val_batches: int = 4
     dry_run: bool = False  # print parameters, optimizer bytes and memory per GPU, then exit
     gpus: int = 1  # --dry_run only: the number of GPUs to estimate for
     progress: bool = True  # tqdm bar on rank 0
@@ -309,6 +311,23 @@ def evaluate_shapes(raw_model, data, cfg, device, step):
     return result
 
 
+VAL_STEP = 10**9  # the validation batches are the data stream's batches at steps VAL_STEP, VAL_STEP + 1, ...
+
+
+@torch.no_grad()
+def validation_loss(raw_model, data, y_null, mask_null, cfg, device, autocast):
+    """train.py's loss on val_batches fixed batches: the data stream's batches at steps no run reaches, with
+    their fixed noise, sigma and caption dropout. The same number for the same weights, so two runs compare at
+    any step, unlike the training loss, whose batches differ from step to step (and are easier or harder)."""
+    raw_model.eval()
+    total = 0.0
+    for i in range(cfg.val_batches):
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in data.get_batch(VAL_STEP + i, cfg.batch_size).items()}
+        total += flow_loss(raw_model, batch, y_null, mask_null, VAL_STEP + i, 0, cfg, autocast).item()
+    raw_model.train()
+    return total / cfg.val_batches
+
+
 # -----------------------------------------------------------------------------
 # the script
 
@@ -434,6 +453,16 @@ def train(cfg):
                 log.write(json.dumps({"step": step, "loss": loss_val, "lr": lr_at(step - 1, cfg), "steps_per_s": rate,
                                       "img_per_s": rate * cfg.batch_size, "minutes": (now - t0) / 60}) + "\n")
                 log.flush()
+        if cfg.val_every and (step % cfg.val_every == 0 or last):
+            t_val = time.time()  # not training time either
+            val = validation_loss(raw_model, data, y_null, mask_null, cfg, device, autocast)  # every rank: FSDP
+            if rank == 0:
+                log.write(json.dumps({"step": step, "val_loss": val, "val_seconds": time.time() - t_val}) + "\n")
+                log.flush()
+            if world > 1:
+                dist.barrier()
+            t0 += time.time() - t_val
+            t_log += time.time() - t_val
         if cfg.eval_every and (step % cfg.eval_every == 0 or last) and cfg.data == "shapes":
             t_eval = time.time()  # the clocks (--max_minutes, throughput, the log) count training, not evaluation
             if rank == 0:

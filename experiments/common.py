@@ -92,12 +92,13 @@ def run_once(cfg):
 def read_run(out_dir):
     """One run's record from its run.json and log.jsonl.
 
-    losses: [[step, loss]]; evals: [[step, checker overall]]; minutes: [[step, training minutes]] (train.py's
-    clock leaves out checker evaluations: they are not training compute); eval_minutes: their total.
+    losses: [[step, loss]]; evals: [[step, checker overall]]; val: [[step, loss on train.py's fixed validation
+    batches]] (--val_every); minutes: [[step, training minutes]] (train.py's clock leaves out checker
+    evaluations and validation: they are not training compute); eval_minutes: their total.
     nan_step: the step whose loss was not finite, or None."""
     with open(os.path.join(out_dir, "run.json")) as f:
         done = json.load(f)
-    losses, evals, minutes, eval_seconds = [], [], [], 0.0
+    losses, evals, val, minutes, eval_seconds = [], [], [], [], 0.0
     log_path = os.path.join(out_dir, "log.jsonl")
     lines = open(log_path).read().splitlines() if os.path.exists(log_path) else []
     for line in lines:
@@ -105,12 +106,15 @@ def read_run(out_dir):
         if "eval" in entry:
             evals.append([entry["step"], entry["eval"]["overall"]])
             eval_seconds += entry["eval_seconds"]
+        elif "val_loss" in entry:
+            val.append([entry["step"], entry["val_loss"]])
+            eval_seconds += entry["val_seconds"]
         else:
             losses.append([entry["step"], entry["loss"]])
             minutes.append([entry["step"], entry["minutes"]])
     found = re.search(r"at step (\d+)", done["message"])
     return {"status": done["status"], "nan_step": int(found.group(1)) if found else None,
-            "losses": losses, "evals": evals, "minutes": minutes, "eval_minutes": eval_seconds / 60,
+            "losses": losses, "evals": evals, "val": val, "minutes": minutes, "eval_minutes": eval_seconds / 60,
             "train_minutes": minutes[-1][1] if minutes else 0.0, "out_dir": out_dir}
 
 

@@ -85,6 +85,9 @@ def parse_args(argv):
     p.add_argument("--eval_every", type=int, default=250, help="checker score every n steps")
     p.add_argument("--eval_prompts", type=int, default=0, help="0: the whole eval set; n: n per category")
     p.add_argument("--eval_steps", type=int, default=20, help="sampling steps of each checker evaluation")
+    p.add_argument("--val_every", type=int, default=0,
+                   help="n > 0: every n steps, the loss on train.py's fixed validation batches (the same batches and "
+                        "noise for every run, so the runs compare without batch-to-batch noise); 0: off")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained at once, each in its own process (a GPU or a many-core node); 1: one by one")
@@ -96,9 +99,10 @@ def parse_args(argv):
     args.inits = [s for s in args.inits.split(",") if s]
     if not args.inits or set(args.inits) - set(INITS):
         raise SystemExit(f"error: --inits={','.join(args.inits)}: use a comma-separated subset of {','.join(INITS)}")
-    if min(args.small_steps, args.grow_steps, args.log_every, args.smooth, args.jobs) < 1 or args.eval_every < 0:
+    if min(args.small_steps, args.grow_steps, args.log_every, args.smooth, args.jobs) < 1 or min(args.eval_every,
+                                                                                                 args.val_every) < 0:
         raise SystemExit("error: --small_steps, --grow_steps, --log_every, --smooth and --jobs must be >= 1, "
-                         "--eval_every >= 0")
+                         "--eval_every and --val_every >= 0")
     if args.preset not in PRESETS:
         raise SystemExit(f"error: unknown preset '{args.preset}'; known: {', '.join(PRESETS)}")
     for init in args.inits:  # the same check grow() makes, before any training
@@ -158,7 +162,8 @@ def analyse(runs, args):
            "small_minutes": small["train_minutes"],
            "scratch_steps": args.small_steps + args.grow_steps, "scratch_minutes": scratch["train_minutes"],
            "target_loss": curve[-1][1] if curve else None,
-           "target_checker": scratch["evals"][-1][1] if scratch["evals"] else None, "grown": {}}
+           "target_checker": scratch["evals"][-1][1] if scratch["evals"] else None,
+           "target_val": scratch["val"][-1][1] if scratch.get("val") else None, "grown": {}}
     for init in args.inits:
         run = runs[init]
         curve = smoothed(run, args.smooth)
@@ -167,7 +172,9 @@ def analyse(runs, args):
             "final_loss": curve[-1][1] if curve else None,
             "final_checker": run["evals"][-1][1] if run["evals"] else None,
             "loss": reach(run, curve, out["target_loss"], True, out),
-            "checker": reach(run, run["evals"], out["target_checker"], False, out)}
+            "checker": reach(run, run["evals"], out["target_checker"], False, out),
+            "final_val": run["val"][-1][1] if run.get("val") else None,
+            "val": reach(run, run.get("val", []), out["target_val"], True, out) if run.get("val") else None}
     return out
 
 
@@ -209,6 +216,12 @@ def markdown(args, res, command):
              f"{a['small_offset_steps']:.0f}. Loss: trailing mean of {args.smooth} logged losses; the target is the "
              f"scratch run's final value. CPU-minutes: training only, small model included, checker evaluations "
              f"left out. Saving: % of the scratch run's compute.\n")
+    if a["target_val"] is not None:
+        notes += ("\n| run (validation loss, fixed batches) | final | to scratch's final: steps | CPU-min | saving "
+                  "(steps / min) |\n|---|---|---|---|---|\n"
+                  f"| scratch | {a['target_val']:.4f} | {a['scratch_steps']} | {a['scratch_minutes']:.1f} | (reference) |\n")
+        notes += "".join(f"| {init} | {fmt(a['grown'][init]['final_val'], '.4f')} | " +
+                         " | ".join(reach_cells(a["grown"][init]["val"])) + " |\n" for init in args.inits)
     if a["target_checker"] is not None and a["target_checker"] <= 0:
         notes += "\nThe scratch run's final checker score is 0: every run reaches it, so that column says nothing.\n"
     return f"```\n{command}\n```\n\n{head}\n" + "\n".join(rows) + "\n" + notes
@@ -227,6 +240,8 @@ def plot(args, runs, res, path):
     for name, run, x0, scale, color in curves:
         pts = smoothed(run, args.smooth)
         ax1.plot([x0 + s * scale for s, _ in pts], [l for _, l in pts], color=color, label=name)
+        if run.get("val"):  # the fixed-batch validation loss, as markers on the same axes
+            ax1.plot([x0 + s * scale for s, _ in run["val"]], [v for _, v in run["val"]], ".", color=color, ms=4)
         if run["evals"]:
             ax2.plot([x0 + s * scale for s, _ in run["evals"]], [v for _, v in run["evals"]], "o-", color=color)
     if res["target_loss"] is not None:
@@ -260,6 +275,7 @@ def main(argv=None):
     base = base_config(args.config, preset=args.preset, seed=args.seed, max_minutes=0.0, decay_steps=0,
                        log_every=args.log_every,
                        eval_every=args.eval_every, eval_prompts=args.eval_prompts, eval_steps=args.eval_steps,
+                       val_every=args.val_every,
                        progress=not args.quick, **given)
     base = dataclasses.replace(base, save_every=max(base.save_every, args.small_steps + args.grow_steps))  # final only
     out = lambda name: os.path.join(args.out, name)

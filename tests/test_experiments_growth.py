@@ -34,7 +34,8 @@ def test_growth_quick_end_to_end_and_reuse(tmp_path, capsys):
     assert data["settings"]["train_config"]["preset"] == "shapes-tiny"
     for init in ("partial", "cyclic", "block"):
         g = data["grown"][init]
-        assert set(g) == {"status", "nan_step", "final_loss", "final_checker", "loss", "checker"}
+        assert set(g) == {"status", "nan_step", "final_loss", "final_checker", "loss", "checker", "final_val", "val"}
+        assert g["val"] is None and g["final_val"] is None  # no --val_every
         for r in (g["loss"], g["checker"]):
             if r["reached"]:  # grown steps + the small model's 3 steps at 4/12 of the cost
                 assert r["equivalent_steps"] == pytest.approx(1.0 + r["steps"])
@@ -68,7 +69,7 @@ def test_growth_jobs_trains_the_same_runs_side_by_side(tmp_path):
     """--jobs 2: scratch trains in a second process beside the small model, then the grown run; same numbers."""
     threads = torch.get_num_threads()
     try:
-        flags = ["--quick", "--inits", "partial", "--threads", "1"]  # one thread here and in the worker: same math
+        flags = ["--quick", "--inits", "partial", "--threads", "1", "--val_every", "3"]  # one thread everywhere: same math
         one = json.loads(json.dumps(growth.main(["--out", str(tmp_path / "one")] + flags)))
         two = json.loads(json.dumps(growth.main(["--out", str(tmp_path / "two"), "--jobs", "2"] + flags)))
     finally:
@@ -77,8 +78,13 @@ def test_growth_jobs_trains_the_same_runs_side_by_side(tmp_path):
     for name in ("small", "partial", "scratch"):  # the clock columns differ, the numbers may not
         assert runs[0][name]["status"] == runs[1][name]["status"] == "ok"
         assert runs[0][name]["losses"] == runs[1][name]["losses"] and runs[0][name]["evals"] == runs[1][name]["evals"]
-    assert one["target_loss"] == two["target_loss"]
+        assert runs[0][name]["val"] == runs[1][name]["val"] and [s for s, _ in runs[0][name]["val"]][-1] in (3, 6)
+    assert one["target_loss"] == two["target_loss"] and one["target_val"] == two["target_val"]
     assert one["grown"]["partial"]["final_loss"] == two["grown"]["partial"]["final_loss"]
+    # the validation columns: scratch's final validation loss is the target
+    assert one["target_val"] == runs[0]["scratch"]["val"][-1][1]
+    assert one["grown"]["partial"]["final_val"] == runs[0]["partial"]["val"][-1][1]
+    assert "validation loss, fixed batches" in (tmp_path / "one" / "results.md").read_text()
 
 
 def test_came_quick_end_to_end(tmp_path):

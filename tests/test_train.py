@@ -54,6 +54,24 @@ def test_resume_gives_the_same_losses(tmp_path):
                        torch.cat([v.flatten() for v in weights(str(tmp_path / "b/run/ckpt/model.safetensors")).values()]))
 
 
+def test_validation_loss_is_logged_and_does_not_change_the_run(tmp_path):
+    plain = train(tiny(tmp_path / "a", max_steps=4))
+    checked = train(tiny(tmp_path / "b", max_steps=4, val_every=2, val_batches=2))
+    assert plain["losses"] == checked["losses"]  # forward-only on batches no run trains on: training is untouched
+    lines = [json.loads(l) for l in open(tmp_path / "b/run/log.jsonl")]
+    vals = [(e["step"], e["val_loss"]) for e in lines if "val_loss" in e]
+    assert [s for s, _ in vals] == [2, 4] and all(v > 0 for _, v in vals) and vals[0][1] != vals[1][1]
+    # the same weights give the same number (fixed batches, noise and sigma), unlike the training loss
+    from train import validation_loss
+    cfg = tiny(tmp_path / "b", val_batches=2)
+    model = LinearDiT.from_pretrained(str(tmp_path / "b/run/ckpt/model.safetensors"))
+    data = make_data(cfg, model.config)
+    y_null, mask_null = data.null()
+    again = [validation_loss(model, data, y_null, mask_null, cfg, "cpu", torch.autocast("cpu", enabled=False))
+             for _ in range(2)]
+    assert again[0] == again[1] == pytest.approx(vals[1][1], rel=1e-6)
+
+
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     big = train(tiny(tmp_path / "big", max_steps=2, optimizer="adamw"))
     acc = train(tiny(tmp_path / "acc", max_steps=2, optimizer="adamw", micro_batch_size=2))
