@@ -309,16 +309,24 @@ class CAME8bit(torch.optim.Optimizer):
         shape, device = _local(params[0]).shape, _local(params[0]).device
         r, c = shape[0], math.prod(shape[1:])  # this rank's rows; 1x1 convs as out x in matrices
         k = len(params)
-        stack = lambda key: torch.stack([state[key] for state in states])  # noqa: E731
-        # fp32 island: all optimizer statistics are fp32 (Sec. 2.3)
-        grad = torch.stack([_fp32(p.grad).view(r, c) for p in params], out=self._work(0, (k, r, c), device))
+
+        def stack(tensors, work=None):
+            """(k, ...) from k tensors: a copy (into work buffer `work`); for one matrix a view, no copy (large
+            matrices, e.g. every one at 1.6B, update one by one), so in-place updates land in the state itself."""
+            if k == 1:
+                return tensors[0][None]
+            return torch.stack(tensors, out=None if work is None else self._work(work, (k, *tensors[0].shape), device))
+
+        # fp32 island: all optimizer statistics are fp32 (Sec. 2.3); grad is only read below
+        grad = stack([_fp32(p.grad).view(r, c) for p in params], work=0)  # (k, r, c)
+        state_of = lambda key: stack([state[key] for state in states])  # noqa: E731
         if "exp_avg" in states[0]:
-            exp_avg = stack("exp_avg").view(grad.shape)  # (k, r, c)
+            exp_avg = state_of("exp_avg").view(grad.shape)  # (k, r, c)
         else:
-            codes = stack("exp_avg_codes")
-            exp_avg = dequantize_blockwise(codes, stack("exp_avg_min"), stack("exp_avg_scale"), (r, c),
+            codes = state_of("exp_avg_codes")
+            exp_avg = dequantize_blockwise(codes, state_of("exp_avg_min"), state_of("exp_avg_scale"), (r, c),
                                            out=self._work(2, codes.shape, device))
-        row, col, res_row, res_col = (stack(f"exp_avg_{a}_{b}") for a in ("sq", "res") for b in ("row", "col"))
+        row, col, res_row, res_col = (state_of(f"exp_avg_{a}_{b}") for a in ("sq", "res") for b in ("row", "col"))
 
         weights = [_fp32(p) for p in params]  # the params themselves when fp32; fp32 copies for bf16
         if wd:
