@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -338,6 +339,8 @@ def main(argv=None):
     ap.add_argument("--out", default="out/samples")
     ap.add_argument("--eval", action="store_true", help="shapes world: score the evaluation prompts (4 images each)")
     ap.add_argument("--curve", action="store_true", help="with --eval: the score at N = 1, 2, 4, ... best_of")
+    ap.add_argument("--candidates", default="", help="with --curve: a .pt file of the sampled candidates: written "
+                    "if absent, read if present (another --judge then re-judges the same images in seconds)")
     ap.add_argument("--safety_check", default="", help="a guard model folder (e.g. ShieldGemma-2B); refuse unsafe prompts")
     ap.add_argument("--safety_threshold", type=float, default=0.5)
     ap.add_argument("--rewrite", default="", help="a chat model folder that enriches prompts before encoding")
@@ -351,6 +354,8 @@ def main(argv=None):
         raise SystemExit(f"error: --keep {args.keep} > --best_of {args.best_of}: the tournament keeps K of N")
     if args.curve and not args.eval:
         raise SystemExit("error: --curve needs --eval")
+    if args.candidates and not args.curve:
+        raise SystemExit("error: --candidates needs --eval --curve")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
@@ -383,11 +388,22 @@ def main(argv=None):
     judge = load_judge(args.judge, device) if args.best_of > 1 else None
     n_per = (shapes.IMAGES_PER_PROMPT if args.eval else args.num_samples)
     groups = [p for p in prompts for _ in range(n_per)]  # one group of N candidates per kept image
-    t0 = time.perf_counter()
-    images = sample_images(model, encoder, decoder, groups, args.best_of, args, device, dtype)
-    seconds = time.perf_counter() - t0
-    print(f"sampled {len(images)} images in {seconds:.1f}s: {len(images) / seconds:.1f} images/s "
-          f"({args.steps} steps, {torch.get_num_threads()} threads on {device.type})")
+    if args.candidates and os.path.exists(args.candidates):
+        images = torch.load(args.candidates)  # (G * N, 3, H, W): the candidates of an earlier run
+        if len(images) != len(groups) * args.best_of:
+            raise SystemExit(f"error: {args.candidates} holds {len(images)} candidates, not {len(groups)} groups x "
+                             f"--best_of {args.best_of}; delete it or pass its --best_of")
+        print(f"read {len(images)} candidates from {args.candidates} (sampled by an earlier run; --ckpt unused)")
+    else:
+        t0 = time.perf_counter()
+        images = sample_images(model, encoder, decoder, groups, args.best_of, args, device, dtype)
+        seconds = time.perf_counter() - t0
+        print(f"sampled {len(images)} images in {seconds:.1f}s: {len(images) / seconds:.1f} images/s "
+              f"({args.steps} steps, {torch.get_num_threads()} threads on {device.type})")
+        if args.candidates:
+            Path(args.candidates).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(images.cpu(), args.candidates + ".tmp")
+            os.replace(args.candidates + ".tmp", args.candidates)
     os.makedirs(args.out, exist_ok=True)
     if args.eval and args.curve:
         evaluate_curve(images, shapes.load_eval_prompts(), args.best_of, judge, args.out)

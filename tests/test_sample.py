@@ -1,4 +1,5 @@
 """sample.py: the flow samplers against exact answers, guidance, the real text path, the CLI's errors."""
+import json
 import os
 import subprocess
 import sys
@@ -166,3 +167,26 @@ def test_safety_check_and_rewrite_on_a_tiny_lm(tmp_path):
     with pytest.raises(SystemExit, match="refused"):  # threshold below any probability: everything is refused
         sample.main(["--ckpt", ckpt, "--prompt", "a photo of a red circle", "--safety_check", path,
                      "--safety_threshold", "-1", "--no_progress"])
+
+
+def test_curve_saves_candidates_and_rejudges_them(tmp_path, capsys):
+    """--eval --curve --candidates FILE: the first run samples and writes FILE, a second run reads it back, and
+    the two curves agree (the same images, the same judge)."""
+    torch.manual_seed(0)
+    ckpt = str(tmp_path / "tiny.safetensors")
+    save_model(LinearDiT(PRESETS["shapes-tiny"]), ckpt, train_config={"image_size": 32, "flow_shift": 1.0})
+    cands = str(tmp_path / "c" / "cands.pt")
+    common = ["--ckpt", ckpt, "--eval", "--curve", "--best_of", "2", "--judge", "checker", "--steps", "2",
+              "--candidates", cands, "--no_progress"]
+    sample.main(common + ["--out", str(tmp_path / "a")])
+    assert "sampled" in capsys.readouterr().out and os.path.exists(cands)
+    sample.main(common + ["--out", str(tmp_path / "b")])
+    assert "read 712 candidates" in capsys.readouterr().out  # 89 eval prompts x 4 x 2
+    curves = [json.load(open(tmp_path / d / "scaling.json")) for d in "ab"]
+    assert [r["N"] for r in curves[0]] == [1, 2]
+    assert [(r["judge"], r["checker"]) for r in curves[0]] == [(r["judge"], r["checker"]) for r in curves[1]]
+    four = [a if a != "2" else "4" for a in common]  # --best_of 4 (and --steps 4) against a file of best_of 2
+    for argv, pattern in [(four, "holds 712 candidates"), ([a for a in common if a != "--curve"], "needs --eval --curve")]:
+        with pytest.raises(SystemExit, match=pattern) as e:
+            sample.main(argv + ["--out", str(tmp_path / "x")])
+        assert "\n" not in str(e.value)
