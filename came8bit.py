@@ -23,7 +23,7 @@ Non-matrix tensors keep a full second moment v (U = g / sqrt(v)) and step with m
 Speed, not in the paper: matrices of one shape (the same layer in every block) are updated as one (k, r, c)
 stack, and the small tensors all at once with torch._foreach_*, so the per-operation overhead is paid per
 shape, not per tensor; three work buffers are reused from step to step. On the laptop model's CPU step this
-took CAME-8bit from 2.4x to 1.4x the time of torch.optim.AdamW (bench/came8bit_bench.py, README).
+took CAME-8bit from 2.4x to ~1.5x the time of torch.optim.AdamW (bench/came8bit_bench.py, README).
 
 Deviations from the official `CAME8BitWrapper` (NVlabs/Sana diffusion/utils/optimizer.py):
 - A block is 2048 consecutive values of the flattened tensor, as Eq. 1 says; the official code splits the
