@@ -40,6 +40,7 @@ checkpoint (pruned to 4 and 2): scores ~8 min, fine-tunes ~3 min, scratch ~ the 
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -58,7 +59,7 @@ from model import LinearDiT, save_model
 from prune import (PruneConfig, bar_chart, block_importance, calibration_sigmas, finetune, kept_blocks, n_params,
                    prune, save_bar_png, shapes_calibration, source_train_config)
 from sample import load_decoder, load_text_encoder, sample_images
-from train import load_or_exit, parse_config
+from train import load_or_exit, make_data, parse_config, validation_loss
 
 PAPER = {"full": 0.693, "prune_2/3": 0.673, "prune_2/3_ft": 0.684, "prune_1/3": 0.571, "prune_1/3_ft": 0.672,
          "scratch_1/3": 0.664}  # Table 3: 4.8B | 3.2B | +FT | 1.6B | +FT | SANA-1.0 1.6B (GenEval overall)
@@ -130,6 +131,15 @@ def score(model, encoder, prompts, args, tc, device):
     return shapes.evaluate(images, groups)
 
 
+def validation(model, tc, device, batches=8):
+    """train.py's loss on its fixed validation batches (the same images, noise and sigma for every model): a
+    second, less noisy measure next to the checker's score."""
+    cfg = dataclasses.replace(tc, val_batches=batches)
+    data = make_data(cfg, model.config)
+    y_null, mask_null = (t.to(device) for t in data.null())
+    return validation_loss(model.to(device), data, y_null, mask_null, cfg, device, contextlib.nullcontext())
+
+
 def trained(tc):
     """train.train(tc) unless tc.out_dir already holds that finished run (common.run_once); stop on a NaN run."""
     run = run_once(tc)
@@ -186,6 +196,8 @@ def markdown(res):
     lines = ["# Depth pruning on the shapes world (SANA-1.5 Table 3 / Fig. 5)", "",
              "| | " + " | ".join(name for _, name in cols) + " |", "|---" * (len(cols) + 1) + "|",
              "| nanoSANA, checker overall | " + " | ".join(cell(res["scores"][k]["overall"]) for k, _ in cols) + " |",
+             "| nanoSANA, validation loss (fixed batches; lower is better) | "
+             + " | ".join(f"{res['val_loss'][k]:.4f}" for k, _ in cols) + " |",
              "| SANA-1.5 paper, GenEval (4.8B / 3.2B / 1.6B) | " + " | ".join(cell(PAPER[k]) for k, _ in cols) + " |",
              "", f"Goal: the 2/3 model after fine-tuning keeps >= {GOAL:.0%} of the full model's score: {verdict}.", "",
              "Per category (4 images per eval prompt, the same seeds for every model):", "", "```"]
@@ -258,6 +270,7 @@ def main(argv=None):
     lap("importance")
 
     scores = {"full": score(model, encoder, prompts, args, tc, device)}
+    val = {"full": validation(model, tc, device)}
     params = {"full": n_params(model)}
     print(f"full ({D} blocks): {scores['full']['overall']:.3f}", flush=True)
     lap("score_full")
@@ -272,9 +285,11 @@ def main(argv=None):
         save_model(pruned, init_path, pruned_from=ckpt, kept_blocks=kept[frac], block_importance=importance.tolist(),
                    train_config=saved)
         scores[f"prune_{frac}"] = score(pruned, encoder, prompts, args, tc, device)
+        val[f"prune_{frac}"] = validation(pruned, tc, device)
         params[f"prune_{frac}"] = params[f"prune_{frac}_ft"] = n_params(pruned)
         tuned, _ = finetune(ft_cfg, tc, init_path, run_dir)
         scores[f"prune_{frac}_ft"] = score(tuned, encoder, prompts, args, tc, device)
+        val[f"prune_{frac}_ft"] = validation(tuned, tc, device)
         print(f"pruned to {d} blocks: {scores[f'prune_{frac}']['overall']:.3f}, after {args.finetune_steps} "
               f"fine-tune steps {scores[f'prune_{frac}_ft']['overall']:.3f}", flush=True)
         del pruned, tuned
@@ -288,6 +303,7 @@ def main(argv=None):
                                       save_every=scratch_steps, eval_every=0, progress=args.progress)
     scratch = LinearDiT.from_pretrained(trained(scratch_cfg))
     scores["scratch_1/3"] = score(scratch, encoder, prompts, args, tc, device)
+    val["scratch_1/3"] = validation(scratch, tc, device)
     params["scratch_1/3"] = n_params(scratch)
     print(f"scratch {d} blocks, {scratch_steps} steps: {scores['scratch_1/3']['overall']:.3f}", flush=True)
     lap("scratch")
@@ -298,7 +314,7 @@ def main(argv=None):
     res = {"command": "python experiments/pruning.py " + " ".join(shlex.quote(a) for a in argv),
            "source": {"ckpt": ckpt, "depth": D, "steps": source_steps, "lr": tc.lr, "batch_size": tc.batch_size},
            "depths": depths, "importance": importance.tolist(), "kept": kept, "importance_png": renderer,
-           "scores": scores, "params": params, "paper": PAPER,
+           "scores": scores, "val_loss": val, "params": params, "paper": PAPER,
            "goal": {"kept_fraction": fraction, "target": GOAL, "met": fraction is not None and fraction >= GOAL},
            "compute": {"unit": "block-steps = steps x depth", "batch_size": tc.batch_size,
                        "source_steps": source_steps, "finetune_steps": args.finetune_steps,

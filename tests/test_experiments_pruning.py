@@ -81,9 +81,14 @@ def test_markdown_and_png(run):
     out, res = run
     md = (out / "results.md").read_text()
     assert "| 0.693 | 0.673 | 0.684 | 0.571 | 0.672 | 0.664 |" in md  # the paper's Table 3 row
-    row = next(l for l in md.splitlines() if l.startswith("| nanoSANA"))
+    row = next(l for l in md.splitlines() if l.startswith("| nanoSANA, checker"))
     assert row.count("|") == 8
     assert f"{res['scores']['prune_2/3_ft']['overall']:.3f}" in row
+    val = next(l for l in md.splitlines() if l.startswith("| nanoSANA, validation loss"))
+    assert val.count("|") == 8 and all(v > 0 for v in res["val_loss"].values())
+    assert set(res["val_loss"]) == set(res["scores"]) and f"{res['val_loss']['full']:.4f}" in val
+    # pruning without a fine-tune changes the function, so its validation loss is not the full model's
+    assert res["val_loss"]["prune_1/3"] != res["val_loss"]["full"]
     assert "python experiments/pruning.py --quick" in md and res["command"] in md
     img = Image.open(out / "importance.png")
     assert img.format == "PNG" and img.size[0] > 100
