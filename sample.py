@@ -389,8 +389,12 @@ def main(argv=None):
     n_per = (shapes.IMAGES_PER_PROMPT if args.eval else args.num_samples)
     groups = [p for p in prompts for _ in range(n_per)]  # one group of N candidates per kept image
     if args.candidates and os.path.exists(args.candidates):
-        images = torch.load(args.candidates)  # (G * N, 3, H, W): the candidates of an earlier run
-        if len(images) != len(groups) * args.best_of:
+        try:
+            images = torch.load(args.candidates)  # (G * N, 3, H, W): the candidates of an earlier run
+        except Exception as e:
+            raise SystemExit(f"error: {args.candidates} is not a candidates file written by --candidates "
+                             f"({type(e).__name__}); delete it to sample afresh") from None
+        if not torch.is_tensor(images) or len(images) != len(groups) * args.best_of:
             raise SystemExit(f"error: {args.candidates} holds {len(images)} candidates, not {len(groups)} groups x "
                              f"--best_of {args.best_of}; delete it or pass its --best_of")
         print(f"read {len(images)} candidates from {args.candidates} (sampled by an earlier run; --ckpt unused)")

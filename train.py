@@ -351,6 +351,9 @@ def train(cfg):
     print0 = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     if cfg.decay_steps < 0:
         raise SystemExit(f"error: --decay_steps={cfg.decay_steps} must be >= 0 (0: constant lr)")
+    if cfg.val_every < 0 or (cfg.val_every and cfg.val_batches < 1):
+        raise SystemExit(f"error: --val_every={cfg.val_every} must be >= 0 (0: off) and --val_batches="
+                         f"{cfg.val_batches} >= 1 when it is on")
     if cfg.batch_size % world:
         raise SystemExit(f"error: batch_size {cfg.batch_size} is not divisible by the world size {world}")
     micro = cfg.micro_batch_size or cfg.batch_size // world

@@ -38,7 +38,7 @@ from train import TrainConfig, dry_run, flow_loss  # noqa: E402
 
 # defaults, overridden by --key=value
 train_preset = "sana1.5-1.6b"
-infer_presets = "sana1.5-1.6b,sana1.5-4.8b"
+infer_presets = "sana1.5-1.6b,sana1.5-4.8b"  # "none": training rows only
 size = 1024  # image side; latents are size / 32
 train_batch = 8
 train_steps = 10  # timed steps after 3 warm-up steps
@@ -242,11 +242,13 @@ def main():
         r = train_run(train_preset, optimizer, ckpt, train_batch, peaks)
         report["train"].append(r)
         print(json.dumps(r), flush=True)
-    dcfg = DCAE_PRESETS["shapes-tiny" if tiny else "dc-ae-f32c32"]
-    with torch.device(device):
-        dec = DCAEDecoder(dcfg).to(torch.bfloat16).eval()
-    enc = text_encoder()
-    for p in infer_presets.split(","):
+    presets = [] if infer_presets == "none" else infer_presets.split(",")
+    if presets:
+        dcfg = DCAE_PRESETS["shapes-tiny" if tiny else "dc-ae-f32c32"]
+        with torch.device(device):
+            dec = DCAEDecoder(dcfg).to(torch.bfloat16).eval()
+        enc = text_encoder()
+    for p in presets:
         r = infer_run(p, enc, dec)
         report["inference"].append(r)
         print(json.dumps(r), flush=True)

@@ -28,3 +28,11 @@ def test_gpu_bench_rejects_unknown_flags_and_bad_values():
         r = subprocess.run([sys.executable, "bench/gpu_bench.py", arg], cwd=ROOT, capture_output=True, text=True,
                            timeout=120)
         assert r.returncode != 0 and f"bad argument '{arg}'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_gpu_bench_training_rows_only(tmp_path):
+    r = subprocess.run([sys.executable, "bench/gpu_bench.py", "--tiny=True", "--infer_presets=none", f"--out={tmp_path}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.load(open(tmp_path / "gpu_bench.json"))
+    assert len(report["train"]) == 3 and report["inference"] == []

@@ -185,6 +185,10 @@ def test_curve_saves_candidates_and_rejudges_them(tmp_path, capsys):
     curves = [json.load(open(tmp_path / d / "scaling.json")) for d in "ab"]
     assert [r["N"] for r in curves[0]] == [1, 2]
     assert [(r["judge"], r["checker"]) for r in curves[0]] == [(r["judge"], r["checker"]) for r in curves[1]]
+    (tmp_path / "junk.pt").write_text("not a tensor file")
+    junk = [a if a != cands else str(tmp_path / "junk.pt") for a in common]
+    with pytest.raises(SystemExit, match="not a candidates file"):
+        sample.main(junk + ["--out", str(tmp_path / "x")])
     four = [a if a != "2" else "4" for a in common]  # --best_of 4 (and --steps 4) against a file of best_of 2
     for argv, pattern in [(four, "holds 712 candidates"), ([a for a in common if a != "--curve"], "needs --eval --curve")]:
         with pytest.raises(SystemExit, match=pattern) as e:

@@ -61,6 +61,9 @@ def test_validation_loss_is_logged_and_does_not_change_the_run(tmp_path):
     lines = [json.loads(l) for l in open(tmp_path / "b/run/log.jsonl")]
     vals = [(e["step"], e["val_loss"]) for e in lines if "val_loss" in e]
     assert [s for s, _ in vals] == [2, 4] and all(v > 0 for _, v in vals) and vals[0][1] != vals[1][1]
+    with pytest.raises(SystemExit, match="val_batches=0 >= 1") as e:
+        train(tiny(tmp_path / "c", val_every=2, val_batches=0))
+    assert "\n" not in str(e.value)
     # the same weights give the same number (fixed batches, noise and sigma), unlike the training loss
     from train import validation_loss
     cfg = tiny(tmp_path / "b", val_batches=2)
