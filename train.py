@@ -315,17 +315,22 @@ VAL_STEP = 10**9  # the validation batches are the data stream's batches at step
 
 
 @torch.no_grad()
-def validation_loss(raw_model, data, y_null, mask_null, cfg, device, autocast):
+def validation_loss(raw_model, data, y_null, mask_null, cfg, device, autocast, chunks=1):
     """train.py's loss on val_batches fixed batches: the data stream's batches at steps no run reaches, with
     their fixed noise, sigma and caption dropout. The same number for the same weights, so two runs compare at
-    any step, unlike the training loss, whose batches differ from step to step (and are easier or harder)."""
+    any step, unlike the training loss, whose batches differ from step to step (and are easier or harder).
+    Each global batch goes through in `chunks` micro-batches (train.py passes world x accumulation), so memory
+    is a training micro-batch's and the number does not depend on how many processes compute it."""
     raw_model.eval()
     total = 0.0
+    micro = cfg.batch_size // chunks
     for i in range(cfg.val_batches):
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in data.get_batch(VAL_STEP + i, cfg.batch_size).items()}
-        total += flow_loss(raw_model, batch, y_null, mask_null, VAL_STEP + i, 0, cfg, autocast).item()
+        for m in range(chunks):
+            batch = {k: v.to(device) if torch.is_tensor(v) else v
+                     for k, v in data.get_batch(VAL_STEP + i, cfg.batch_size, m, chunks).items()}
+            total += flow_loss(raw_model, batch, y_null, mask_null, VAL_STEP + i, m * micro, cfg, autocast).item()
     raw_model.train()
-    return total / cfg.val_batches
+    return total / (cfg.val_batches * chunks)
 
 
 # -----------------------------------------------------------------------------
@@ -458,7 +463,7 @@ def train(cfg):
                 log.flush()
         if cfg.val_every and (step % cfg.val_every == 0 or last):
             t_val = time.time()  # not training time either
-            val = validation_loss(raw_model, data, y_null, mask_null, cfg, device, autocast)  # every rank: FSDP
+            val = validation_loss(raw_model, data, y_null, mask_null, cfg, device, autocast, world * accum)  # all ranks: FSDP
             if rank == 0:
                 log.write(json.dumps({"step": step, "val_loss": val, "val_seconds": time.time() - t_val}) + "\n")
                 log.flush()

@@ -73,6 +73,9 @@ def test_validation_loss_is_logged_and_does_not_change_the_run(tmp_path):
     again = [validation_loss(model, data, y_null, mask_null, cfg, "cpu", torch.autocast("cpu", enabled=False))
              for _ in range(2)]
     assert again[0] == again[1] == pytest.approx(vals[1][1], rel=1e-6)
+    # in micro-batches (as under accumulation or several processes): the same loss
+    chunked = validation_loss(model, data, y_null, mask_null, cfg, "cpu", torch.autocast("cpu", enabled=False), 4)
+    assert chunked == pytest.approx(again[0], rel=1e-5)
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
