@@ -237,7 +237,7 @@ def test_same_shape_matrices_stacked_equal_one_by_one(monkeypatch):
     grads = [[structured_grad(s, gen) for s in shapes] for _ in range(4)]
 
     def run(max_stack, steps):
-        monkeypatch.setattr(came8bit, "MAX_STACK", max_stack)
+        monkeypatch.setattr(came8bit, "MAX_STACK", {"cpu": max_stack, "gpu": max_stack})
         params = [nn.Parameter(t.clone()) for t in start]
         opt = CAME8bit(params, lr=1e-2, weight_decay=0.01, bias_correction=True)
         for gs in grads[:steps]:
