@@ -56,6 +56,7 @@ class TrainConfig:
     # data
     data: str = "shapes"  # "shapes" or a folder of name.jpg/png + name.txt pairs (see data.py)
     image_size: int = 32
+    shapes_weights: str = ""  # shapes world: how often each category is drawn, e.g. "position=2,color_attr=2" (others 1)
     text_encoder: str = ""  # "": what the model expects (config.text_encoder); or a transformers folder
     # optimisation
     batch_size: int = 64  # global batch size: micro_batch_size x world size x accumulation steps
@@ -207,12 +208,33 @@ def load_or_exit(path):
         raise SystemExit(f"error: {e}") from None
 
 
+def category_weights(text):
+    """--shapes_weights "position=2,color_attr=2" -> a weight for each of the six categories (unnamed ones 1)."""
+    from shapes import CATEGORIES
+
+    if not text:
+        return None  # uniform
+    weights = dict.fromkeys(CATEGORIES, 1.0)
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        try:
+            assert name.strip() in weights and float(value) >= 0
+        except (AssertionError, ValueError):
+            raise SystemExit(f"error: --shapes_weights item {item!r}: use category=weight (weight >= 0) with a "
+                             f"category among {', '.join(CATEGORIES)}") from None
+        weights[name.strip()] = float(value)
+    if sum(weights.values()) <= 0:
+        raise SystemExit("error: --shapes_weights gives every category weight 0; at least one must be > 0")
+    return weights
+
+
 def make_data(cfg, model_cfg, device="cpu"):
     """The shapes world (its latents encoded on `device`), or a folder of captioned images cached to latents (data.py)."""
     encoder = cfg.text_encoder or model_cfg.text_encoder
     if cfg.data == "shapes":
         from shapes import ShapesData, laptop_text_encoder
-        data = ShapesData(cfg.image_size, cfg.seed, laptop_text_encoder(encoder, model_cfg.text_max_length))
+        data = ShapesData(cfg.image_size, cfg.seed, laptop_text_encoder(encoder, model_cfg.text_max_length),
+                          weights=category_weights(cfg.shapes_weights))
         if not model_cfg.vae:
             return data  # pixel space
         from autoencoder import LatentData

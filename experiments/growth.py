@@ -42,6 +42,7 @@ checkpoint (and run.json) is there with the same settings is reused, not retrain
 
 import argparse
 import dataclasses
+import json
 import multiprocessing
 import os
 import shlex
@@ -91,6 +92,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained at once, each in its own process (a GPU or a many-core node); 1: one by one")
+    p.add_argument("--reanalyse", action="store_true",
+                   help="rewrite the report of a finished experiment from its --out/results.json (no training)")
     p.add_argument("--quick", action="store_true", help="tiny preset, batch 4, 3 + 3 steps: seconds, for tests")
     first, _ = p.parse_known_args(argv)
     if first.quick:
@@ -147,6 +150,20 @@ def reach(run, points, target, below, ref):
             "saving_minutes_pct": 100 * (1 - minutes / scratch_minutes) if scratch_minutes > 0 else None}
 
 
+def matched(run, scratch, ref):
+    """Fig. 2's question asked at the grown run's end: how many steps did scratch need for the same validation
+    loss? Savings without the small model's compute (as the paper counts: its 1.6B model existed already) and
+    with it (12-block-equivalent). None where scratch never got that low."""
+    end_step, end_val = run["val"][-1]
+    hit = first_reaching(scratch["val"], end_val, True)
+    if hit is None:
+        return None
+    with_small = ref["small_offset_steps"] + end_step
+    return {"value": end_val, "grown_steps": end_step, "scratch_steps": hit[0],
+            "saving_grown_steps_pct": 100 * (1 - end_step / hit[0]),
+            "saving_with_small_pct": 100 * (1 - with_small / hit[0])}
+
+
 def seconds_per_step(run):
     return 60 * run["train_minutes"] / run["losses"][-1][0] if run["losses"] else None
 
@@ -174,7 +191,8 @@ def analyse(runs, args):
             "loss": reach(run, curve, out["target_loss"], True, out),
             "checker": reach(run, run["evals"], out["target_checker"], False, out),
             "final_val": run["val"][-1][1] if run.get("val") else None,
-            "val": reach(run, run.get("val", []), out["target_val"], True, out) if run.get("val") else None}
+            "val": reach(run, run.get("val", []), out["target_val"], True, out) if run.get("val") else None,
+            "matched": matched(run, scratch, out) if run.get("val") and scratch.get("val") else None}
     return out
 
 
@@ -222,6 +240,13 @@ def markdown(args, res, command):
                   f"| scratch | {a['target_val']:.4f} | {a['scratch_steps']} | {a['scratch_minutes']:.1f} | (reference) |\n")
         notes += "".join(f"| {init} | {fmt(a['grown'][init]['final_val'], '.4f')} | " +
                          " | ".join(reach_cells(a["grown"][init]["val"])) + " |\n" for init in args.inits)
+        notes += ("\n| run | final validation loss | scratch's steps to it | saving: grown steps only (the paper's "
+                  "count) | with the small model |\n|---|---|---|---|---|\n")
+        for init in args.inits:
+            m = a["grown"][init]["matched"]
+            notes += (f"| {init} | {fmt(a['grown'][init]['final_val'], '.4f')} | " + (
+                f"{m['scratch_steps']} | {m['saving_grown_steps_pct']:.0f}% | {m['saving_with_small_pct']:.0f}% |\n"
+                if m else "below scratch's final | - | - |\n"))
     if a["target_checker"] is not None and a["target_checker"] <= 0:
         notes += "\nThe scratch run's final checker score is 0: every run reaches it, so that column says nothing.\n"
     return f"```\n{command}\n```\n\n{head}\n" + "\n".join(rows) + "\n" + notes
@@ -264,6 +289,14 @@ def plot(args, runs, res, path):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.reanalyse:  # e.g. the logs of a run made on another machine: results.json keeps every curve
+        path = os.path.join(args.out, "results.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: --reanalyse needs {path}; run the experiment first")
+        saved = json.load(open(path))
+        settings = saved["settings"]
+        args = argparse.Namespace(**{**vars(args), **{k: v for k, v in settings.items() if k not in ("train_config", "out", "reanalyse")}})
+        return report(args, saved["runs"], saved["command"], settings)
     if args.threads:
         torch.set_num_threads(args.threads)
     given = {k: getattr(args, k) for k in ("batch_size", "lr", "optimizer", "warmup_steps", "came_bias_correction")
@@ -312,9 +345,14 @@ def main(argv=None):
     if pool:
         pool.shutdown()
 
-    res = analyse(runs, args)
     command = "python experiments/growth.py " + " ".join(shlex.quote(a) for a in argv)
-    settings = dict(vars(args), train_config=dataclasses.asdict(base))
+    return report(args, runs, command, dict(vars(args), train_config=dataclasses.asdict(base)))
+
+
+def report(args, runs, command, settings):
+    """results.json (every curve), results.md (the README tables) and growth.png in --out."""
+    out = lambda name: os.path.join(args.out, name)
+    res = analyse(runs, args)
     write_json(out("results.json"), {"command": command, "settings": settings, **res, "runs": runs})
     table = markdown(args, res, command)
     write_text(out("results.md"), table)

@@ -3,6 +3,7 @@ against hand-computed numbers, NaN runs recorded and finished runs reused, bad f
 import dataclasses
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -34,8 +35,9 @@ def test_growth_quick_end_to_end_and_reuse(tmp_path, capsys):
     assert data["settings"]["train_config"]["preset"] == "shapes-tiny"
     for init in ("partial", "cyclic", "block"):
         g = data["grown"][init]
-        assert set(g) == {"status", "nan_step", "final_loss", "final_checker", "loss", "checker", "final_val", "val"}
-        assert g["val"] is None and g["final_val"] is None  # no --val_every
+        assert set(g) == {"status", "nan_step", "final_loss", "final_checker", "loss", "checker", "final_val", "val",
+                          "matched"}
+        assert g["val"] is None and g["final_val"] is None and g["matched"] is None  # no --val_every
         for r in (g["loss"], g["checker"]):
             if r["reached"]:  # grown steps + the small model's 3 steps at 4/12 of the cost
                 assert r["equivalent_steps"] == pytest.approx(1.0 + r["steps"])
@@ -84,7 +86,15 @@ def test_growth_jobs_trains_the_same_runs_side_by_side(tmp_path):
     # the validation columns: scratch's final validation loss is the target
     assert one["target_val"] == runs[0]["scratch"]["val"][-1][1]
     assert one["grown"]["partial"]["final_val"] == runs[0]["partial"]["val"][-1][1]
-    assert "validation loss, fixed batches" in (tmp_path / "one" / "results.md").read_text()
+    md = (tmp_path / "one" / "results.md").read_text()
+    assert "validation loss, fixed batches" in md and "the paper's count" in md
+    # --reanalyse rewrites the same report from results.json alone (e.g. logs brought back from a GPU machine)
+    for name in ("small", "scratch", "grown_partial"):
+        shutil.rmtree(tmp_path / "one" / name)
+    again = json.loads(json.dumps(growth.main(["--out", str(tmp_path / "one"), "--reanalyse"])))
+    assert again == one and (tmp_path / "one" / "results.md").read_text() == md
+    with pytest.raises(SystemExit, match="run the experiment first"):
+        growth.main(["--out", str(tmp_path / "nothing"), "--reanalyse"])
 
 
 def test_came_quick_end_to_end(tmp_path):
@@ -137,7 +147,17 @@ def test_growth_accounting_against_hand_computed_numbers():
     assert checker["equivalent_steps"] == pytest.approx(40) and checker["saving_steps_pct"] == pytest.approx(100 / 3)
     assert not res["grown"]["cyclic"]["loss"]["reached"] and not res["grown"]["cyclic"]["checker"]["reached"]
     assert res["grown"]["block"]["status"] == "nan" and not res["grown"]["block"]["loss"]["reached"]
+    # matched: scratch's steps to each grown run's final validation loss, with and without the small model
+    runs["scratch"]["val"] = [[s, 7 - s / 10] for s in range(10, 70, 10)]  # 6.0 at 10 ... 1.0 at 60
+    runs["partial"]["val"] = [[10, 4.5], [30, 3.5]]  # scratch reached 3.5 at step 40: 30 of 40 grown steps
+    runs["cyclic"]["val"] = [[30, 0.5]]  # below scratch's final
+    res = growth.analyse(runs, args)
+    m = res["grown"]["partial"]["matched"]
+    assert (m["value"], m["grown_steps"], m["scratch_steps"]) == (3.5, 30, 40)
+    assert m["saving_grown_steps_pct"] == pytest.approx(25) and m["saving_with_small_pct"] == pytest.approx(0)
+    assert res["grown"]["cyclic"]["matched"] is None
     md = growth.markdown(args, res, "cmd")
+    assert "| partial | 3.5000 | 40 | 25% | 0% |" in md and "| cyclic | 0.5000 | below scratch's final |" in md
     assert "NaN at step 2" in md and "not reached" in md and "| 30 | 5.0 | 50% / 50% |" in md
 
 
