@@ -12,6 +12,7 @@ import torch
 
 from model import LinearDiT
 from train import TrainConfig, flow_loss, make_data, parse_config, train, build_model
+from shapes import CATEGORIES, ShapesData, as_prompt, category_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -154,6 +155,20 @@ def test_bad_flags_and_checkpoints_one_line_errors(tmp_path):
         train(tiny(tmp_path / "fresh", resume=True))
     with pytest.raises(SystemExit, match="decay_steps"):
         train(tiny(tmp_path, decay_steps=-1))
+    for bad in ("position", "pos=2", "colors=-1", ",".join(f"{c}=0" for c in CATEGORIES)):
+        with pytest.raises(SystemExit, match="shapes_weights") as e:
+            train(tiny(tmp_path, shapes_weights=bad))
+        assert "\n" not in str(e.value)
+
+
+def test_shapes_weights_set_how_often_each_category_is_drawn():
+    from train import category_weights
+    weights = category_weights("position=3, color_attr=0")
+    assert weights == {**dict.fromkeys(CATEGORIES, 1.0), "position": 3.0, "color_attr": 0.0}
+    assert category_weights("") is None  # uniform
+    data = ShapesData(weights=weights)
+    cats = [category_of(p.spec) for s in range(4) for p in map(as_prompt, data.get_batch(s, 200)["prompts"])]
+    assert "color_attr" not in cats and cats.count("position") > 2 * cats.count("colors")  # 3/8 vs 1/8 expected
 
 
 def test_lr_warms_up_then_cools_down_to_zero():
