@@ -63,8 +63,8 @@ except ImportError:  # torch built without distributed support: nothing can be a
 TINY = torch.finfo(torch.float32).tiny  # smallest normal fp32: the floor of a block's code step
 # values per stack of same-shape matrices updated together (each of the three fp32 work buffers holds one stack).
 # On a CPU 2**22 (16 MB buffers). On a GPU the step is many small element-wise kernels, and bigger stacks mean
-# fewer of them: the 1.6B preset's step on an H200 took 121 ms at 2**22, 93 ms at 2**26 (+0.6 GiB peak), 87 ms at
-# 2**30 (+7 GiB), measured side by side in one run (README "Speed on one GPU").
+# fewer of them: the 1.6B preset's step on an H200 took 129 ms at 2**22 and 93 ms at 2**26 (+0.6 GiB peak),
+# interleaved in one run of bench/came8bit_bench.py --stacks (README "Speed on one GPU").
 MAX_STACK = {"cpu": 2**22, "gpu": 2**26}
 
 # -----------------------------------------------------------------------------

@@ -9,8 +9,12 @@ CAME-8bit memory and speed (SANA-1.5 Sec. 2.3, Eq. 2): the figures behind the RE
    prediction) and the optimizer step time of CAME8bit against torch.optim.AdamW, interleaved in one run,
    median over repeats. Gradients are fixed random tensors, so only the optimizer step is timed.
 
+3. With --stacks: CAME-8bit also at other stack limits (came8bit.MAX_STACK, values per stack of same-shape
+   matrices), timed in the same interleaved rounds; on a GPU this is where the limit was chosen.
+
     python bench/came8bit_bench.py                 # defaults below
     python bench/came8bit_bench.py --threads=1 --repeats=15
+    python bench/came8bit_bench.py --device=cuda --timing_preset=sana1.5-1.6b --stacks=22,26,30 --repeats=5
 """
 
 import statistics
@@ -21,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: came8bit.py, model.py
+import came8bit  # noqa: E402
 from came8bit import CAME8bit, eq2_saved_bytes, optimizer_state_bytes, predicted_state_bytes  # noqa: E402
 from model import LinearDiT, PRESETS  # noqa: E402
 
@@ -30,10 +35,13 @@ repeats = 11  # timing rounds; each round times every optimizer once, in turn
 steps = 5  # optimizer steps per optimizer per round
 lr = 1e-4
 timing_preset = "shapes"  # the laptop model
+device = "cpu"  # or "cuda": the timing on a GPU (synchronised around every round)
+stacks = ""  # e.g. "22,26,30": also CAME-8bit with came8bit.MAX_STACK = 2^e on this device
 
 
 def parse_args(argv):
-    known = {"threads": int, "repeats": int, "steps": int, "lr": float, "timing_preset": str}
+    known = {"threads": int, "repeats": int, "steps": int, "lr": float, "timing_preset": str, "device": str,
+             "stacks": str}
     for arg in argv:
         if arg in ("-h", "--help"):
             print(__doc__)
@@ -45,6 +53,10 @@ def parse_args(argv):
         globals()[key] = known[key](value)
     if timing_preset not in PRESETS:
         raise SystemExit(f"unknown preset {timing_preset!r}; choose from {sorted(PRESETS)}")
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise SystemExit(f"bad --device={device!r}: use cpu, or cuda on a machine with a GPU")
+    if stacks and not all(e.strip().isdigit() and 0 < int(e) < 40 for e in stacks.split(",")):
+        raise SystemExit(f"bad --stacks={stacks!r}: comma-separated exponents e (MAX_STACK = 2^e), e.g. 22,26,30")
 
 
 def memory_table():
@@ -65,23 +77,39 @@ def memory_table():
 
 
 def make_optimizers(cfg):
-    """One model copy per optimizer, same weights and the same fixed random gradients."""
+    """One model copy per optimizer, same weights and the same fixed random gradients; -> ({name: (optimizer,
+    stack limit or None)}, the parameters)."""
     torch.manual_seed(0)
-    base = LinearDiT(cfg)
+    base = LinearDiT(cfg).to(device)
     grads = [torch.randn_like(p) * 1e-3 for p in base.parameters()]
     makers = {
-        "AdamW": lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=0.0),
-        "CAME-8bit": lambda ps: CAME8bit(ps, lr=lr),
-        "CAME-32": lambda ps: CAME8bit(ps, lr=lr, quantize=False),
+        "AdamW": (lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=0.0), None),
+        "CAME-8bit": (lambda ps: CAME8bit(ps, lr=lr), None),
+        "CAME-32": (lambda ps: CAME8bit(ps, lr=lr, quantize=False), None),
     }
+    for e in (int(e) for e in stacks.split(",") if stacks):
+        makers[f"CAME-8bit 2^{e}"] = (lambda ps: CAME8bit(ps, lr=lr), 2**e)
     opts = {}
-    for name, make in makers.items():
+    for name, (make, stack) in makers.items():
         params = [p.detach().clone().requires_grad_() for p in base.parameters()]
         for p, g in zip(params, grads):
             p.grad = g.clone()
-        opts[name] = make(params)
-        opts[name].step()  # allocate the state before timing
+        opts[name] = (make(params), stack)
+        step(*opts[name])  # allocate the state before timing
     return opts, list(base.parameters())
+
+
+def step(opt, stack):
+    """One optimizer step, at stack limit `stack` for this device (None: came8bit.py's own)."""
+    if stack is None:
+        return opt.step()
+    kind = "cpu" if device == "cpu" else "gpu"
+    own = came8bit.MAX_STACK[kind]
+    came8bit.MAX_STACK[kind] = stack
+    try:
+        opt.step()
+    finally:
+        came8bit.MAX_STACK[kind] = own
 
 
 def timing():
@@ -92,21 +120,26 @@ def timing():
     n = sum(p.numel() for p in params)
     print(f"\n{timing_preset} model, real tensors: {n / 1e6:.2f}M params in {len(params)} tensors")
     predicted = {"AdamW": "adamw", "CAME-8bit": "came8bit", "CAME-32": "came"}
-    for name, opt in opts.items():
-        measured, expect = optimizer_state_bytes(opt), predicted_state_bytes(params, predicted[name])
-        print(f"  {name:10s} state {measured / n:6.3f} B/param ({measured} bytes, predicted {expect})")
+    for name, (opt, _) in opts.items():
+        if name in predicted:
+            measured, expect = optimizer_state_bytes(opt), predicted_state_bytes(params, predicted[name])
+            print(f"  {name:10s} state {measured / n:6.3f} B/param ({measured} bytes, predicted {expect})")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = {name: [] for name in opts}
     for _ in range(repeats):  # interleaved rounds: machine load drifts hit every optimizer alike
-        for name, opt in opts.items():
+        for name, (opt, stack) in opts.items():
+            sync()
             t0 = time.perf_counter()
             for _ in range(steps):
-                opt.step()
+                step(opt, stack)
+            sync()
             times[name].append((time.perf_counter() - t0) / steps)
     base = statistics.median(times["AdamW"])
-    print(f"optimizer step time, median of {repeats} rounds x {steps} steps, torch threads {torch.get_num_threads()}")
+    where = torch.cuda.get_device_name() if device == "cuda" else f"cpu, torch threads {torch.get_num_threads()}"
+    print(f"optimizer step time, median of {repeats} rounds x {steps} steps, {where}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"  {name:10s} {med * 1e3:8.2f} ms/step  {med / base:5.2f}x AdamW")
+        print(f"  {name:15s} {med * 1e3:8.2f} ms/step  {med / base:5.2f}x AdamW")
 
 
 if __name__ == "__main__":
