@@ -36,3 +36,27 @@ def test_gpu_bench_training_rows_only(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.load(open(tmp_path / "gpu_bench.json"))
     assert len(report["train"]) == 3 and report["inference"] == []
+
+
+def test_came8bit_bench_times_other_stack_limits_and_rejects_bad_flags():
+    r = subprocess.run([sys.executable, "bench/came8bit_bench.py", "--timing_preset=shapes-tiny", "--stacks=10,22",
+                        "--repeats=1", "--steps=1", "--threads=1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line.split()[0:2] for line in r.stdout.splitlines() if "x AdamW" in line]
+    assert [" ".join(x) if x[0] == "CAME-8bit" and x[1].startswith("2^") else x[0] for x in rows] == [
+        "AdamW", "CAME-8bit", "CAME-32", "CAME-8bit 2^10", "CAME-8bit 2^22"]
+    # in process: a step at another limit runs at that limit and puts came8bit.py's own back
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import came8bit
+    import came8bit_bench
+    seen, own = [], dict(came8bit.MAX_STACK)
+    class Probe:
+        def step(self):
+            seen.append(came8bit.MAX_STACK["cpu"])
+    came8bit_bench.step(Probe(), 2**10)
+    came8bit_bench.step(Probe(), None)
+    assert seen == [2**10, own["cpu"]] and came8bit.MAX_STACK == own
+    for arg, says in (("--stacks=x", "bad --stacks"), ("--device=tpu", "bad --device")):
+        r = subprocess.run([sys.executable, "bench/came8bit_bench.py", arg], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode != 0 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1
