@@ -56,7 +56,7 @@ class TrainConfig:
     # data
     data: str = "shapes"  # "shapes" or a folder of name.jpg/png + name.txt pairs (see data.py)
     image_size: int = 32
-    shapes_weights: str = ""  # shapes world: how often each category is drawn, e.g. "position=2,color_attr=2" (others 1)
+    shapes_weights: str = ""  # shapes world: category mix, e.g. "position=2,color_attr=2" (unnamed: 1)
     text_encoder: str = ""  # "": what the model expects (config.text_encoder); or a transformers folder
     # optimisation
     batch_size: int = 64  # global batch size: micro_batch_size x world size x accumulation steps
@@ -218,11 +218,13 @@ def category_weights(text):
     for item in text.split(","):
         name, _, value = item.partition("=")
         try:
-            assert name.strip() in weights and float(value) >= 0
-        except (AssertionError, ValueError):
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if name.strip() not in weights or not weight >= 0:
             raise SystemExit(f"error: --shapes_weights item {item!r}: use category=weight (weight >= 0) with a "
-                             f"category among {', '.join(CATEGORIES)}") from None
-        weights[name.strip()] = float(value)
+                             f"category among {', '.join(CATEGORIES)}")
+        weights[name.strip()] = weight
     if sum(weights.values()) <= 0:
         raise SystemExit("error: --shapes_weights gives every category weight 0; at least one must be > 0")
     return weights

@@ -294,9 +294,9 @@ def main(argv=None):
         if not os.path.isfile(path):
             raise SystemExit(f"error: --reanalyse needs {path}; run the experiment first")
         saved = json.load(open(path))
-        settings = saved["settings"]
-        args = argparse.Namespace(**{**vars(args), **{k: v for k, v in settings.items() if k not in ("train_config", "out", "reanalyse")}})
-        return report(args, saved["runs"], saved["command"], settings)
+        settings = saved["settings"]  # the experiment's flags, except where to write and this one
+        kept = {k: v for k, v in settings.items() if k not in ("train_config", "out", "reanalyse")}
+        return report(argparse.Namespace(**{**vars(args), **kept}), saved["runs"], saved["command"], settings)
     if args.threads:
         torch.set_num_threads(args.threads)
     given = {k: getattr(args, k) for k in ("batch_size", "lr", "optimizer", "warmup_steps", "came_bias_correction")
