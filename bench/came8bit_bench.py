@@ -14,7 +14,7 @@ CAME-8bit memory and speed (SANA-1.5 Sec. 2.3, Eq. 2): the figures behind the RE
 
     python bench/came8bit_bench.py                 # defaults below
     python bench/came8bit_bench.py --threads=1 --repeats=15
-    python bench/came8bit_bench.py --device=cuda --timing_preset=sana1.5-1.6b --stacks=22,26,30 --repeats=5
+    python bench/came8bit_bench.py --device=cuda --timing_preset=sana1.5-1.6b --stacks=22 --repeats=5 --steps=3
 """
 
 import statistics
