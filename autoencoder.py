@@ -3,11 +3,12 @@ The laptop's latent space: a tiny DC-AE for the shapes world, trained in a few C
 
 SANA denoises in the latent space of DC-AE (f32c32: a 1024px image becomes 32x32x32; SANA Sec. 2.1). A 32x32
 shapes image would leave one latent pixel at f32, so the laptop uses the same architecture (model.DCAEEncoder /
-DCAEDecoder) at f4: three stages of ResBlocks, widths 16/32/64, 32x32x3 -> 8x8x16 (model.DCAE_PRESETS["shapes"]).
-The choice was measured, not assumed: experiments/latent_vs_pixel.py, at equal CPU time, latent 0.118 vs pixel
-0.028 (README, "The shapes world").
+DCAEDecoder) at f4: three stages of ResBlocks, widths 16/32/64, 32x32x3 -> 8x8x4 (model.DCAE_PRESETS["shapes-c4"]).
+Both choices were measured, not assumed: experiments/latent_vs_pixel.py, at equal CPU time, latent 0.118 vs pixel
+0.028; and 4 latent channels against 16, the same DiT for 2000 steps, 0.32 vs 0.22 (README, "The shapes world").
 
-    python autoencoder.py                                      # -> weights/shapes_ae.safetensors (~4 min, 2 cores)
+    python autoencoder.py                     # 8x8x4 latents -> weights/shapes_ae_c4.safetensors (~4-6 min, 2 cores)
+    python autoencoder.py --preset shapes     # 8x8x16 (sessions 1-5's) -> weights/shapes_ae.safetensors
     python autoencoder.py --out /tmp/ae.safetensors --steps 20  # seconds
 
 1. train:  MSE reconstruction of ground-truth renders (a stream of its own, seed + 1), Adam, cosine decay.
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 import shapes
 from model import DCAE_PRESETS, DCAEDecoder, DCAEEncoder, atomic_save_file, local_path
 
-DEFAULT_OUT = "weights/shapes_ae.safetensors"
+DEFAULT_OUT = {"shapes-c4": "weights/shapes_ae_c4.safetensors", "shapes": "weights/shapes_ae.safetensors"}
 
 # -----------------------------------------------------------------------------
 # latents for the DiT
@@ -134,8 +135,10 @@ def save_autoencoder(enc, dec, path, **meta):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=DEFAULT_OUT, help="the .safetensors to write (both halves)")
-    ap.add_argument("--preset", default="shapes", choices=[k for k in DCAE_PRESETS if k != "dc-ae-f32c32"])
+    ap.add_argument("--out", default="", help="the .safetensors to write (both halves); default: the preset's file "
+                    "in weights/")
+    ap.add_argument("--preset", default="shapes-c4", choices=[k for k in DCAE_PRESETS if k != "dc-ae-f32c32"])
+    ap.add_argument("--latent_channels", type=int, default=0, help="0: the preset's (shapes 16, shapes-c4 4)")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -147,6 +150,14 @@ def main(argv=None):
     if min(args.steps, args.batch_size, args.calib_images, args.image_size) < 1 or args.lr <= 0:
         raise SystemExit("error: --steps, --batch_size, --calib_images and --image_size must be >= 1, --lr > 0")
     config = DCAE_PRESETS[args.preset]
+    args.out = args.out or DEFAULT_OUT.get(args.preset, "")
+    if not args.out:
+        raise SystemExit(f"error: --preset {args.preset} has no shipped file; pass --out X.safetensors")
+    if args.latent_channels:
+        if args.latent_channels < 1 or config.widths[-1] % args.latent_channels:
+            raise SystemExit(f"error: --latent_channels {args.latent_channels} must divide the last width "
+                             f"{config.widths[-1]}, e.g. 4, 8 or 16")
+        config = dataclasses.replace(config, latent_channels=args.latent_channels)
     factor = 2 ** (len(config.widths) - 1)
     if args.image_size % factor:
         raise SystemExit(f"error: --image_size {args.image_size} must be a multiple of the autoencoder's factor "

@@ -52,6 +52,9 @@ class DiTConfig:
     mlp_ratio: float = 2.5  # Mix-FFN hidden = int(2.5 * hidden_size)
     caption_channels: int = 2304  # Gemma-2-2B hidden size
     qk_norm: bool = False  # SANA-1.5: RMSNorm on q and k in both attentions (App. C)
+    use_pe: bool = False  # 2D sin-cos positional embedding: official 2K/4K configs only (none at <= 1024px)
+    pe_interpolation: float = 1.0  # official 1.0 at 2K, 2.0 at 4K: token coordinates are divided by it
+    pe_base_size: int = 0  # grid side the model was trained at; 0: the current grid's own side
     cross_norm_eps: float = 1e-6  # official 1e-6, diffusers 1e-5 (see module docstring)
     norm_eps: float = 1e-6  # the parameter-free LayerNorms before modulation
     linear_attn_eps: float = 1e-8
@@ -132,6 +135,21 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):  # (B, C, H, W) -> (B, h*w, D), row-major tokens
         return rearrange(self.proj(x), "b d h w -> b (h w) d")
+
+
+def sincos_pos_embed(dim, hw, interpolation=1.0, base_size=0):
+    """(h*w, dim) fixed 2D sin-cos table, row-major tokens as PatchEmbed orders them. The first half of the
+    channels encodes the column (x), the second half the row (y), each as [sin, cos] over dim/4 frequencies
+    1/10000^(i/(dim/4)); coordinates are index * base_size / side / interpolation (official and diffusers)."""
+    h, w = hw
+    def coords(n):
+        return torch.arange(n, dtype=torch.float64) / (n / (base_size or n)) / interpolation
+    yy, xx = torch.meshgrid(coords(h), coords(w), indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    def embed(pos):
+        out = pos.reshape(-1, 1) * omega
+        return torch.cat([out.sin(), out.cos()], dim=1)
+    return torch.cat([embed(xx), embed(yy)], dim=1).float()
 
 
 class TimestepEmbedder(nn.Module):
@@ -319,6 +337,9 @@ class LinearDiT(nn.Module):
             raise ValueError(f"latent size {H}x{W} is not divisible by patch_size {p}")
         hw = (H // p, W // p)
         x = self.x_embedder(x)  # (B, N, D)
+        if self.config.use_pe:
+            c = self.config
+            x = x + sincos_pos_embed(c.hidden_size, hw, c.pe_interpolation, c.pe_base_size).to(x)
         t = self.t_embedder(t.to(x.device))  # (B, D)
         t0 = self.t_block(t)  # (B, 6D)
         y = self.attention_y_norm(self.y_embedder(y.to(x.dtype)))  # (B, L, D)
@@ -358,6 +379,10 @@ PRESETS = {
     "shapes": DiTConfig(in_channels=16, patch_size=2, hidden_size=128, depth=6, cross_heads=4,
                         caption_channels=384, qk_norm=True, text_encoder="minilm", text_max_length=16,
                         vae="weights/shapes_ae.safetensors", y_norm_init=1.0),
+    # the same DiT on the 4-channel autoencoder's 8x8x4 latents (patch 2: 16 tokens of 16 values)
+    "shapes-c4": DiTConfig(in_channels=4, patch_size=2, hidden_size=128, depth=6, cross_heads=4,
+                           caption_channels=384, qk_norm=True, text_encoder="minilm", text_max_length=16,
+                           vae="weights/shapes_ae_c4.safetensors", y_norm_init=1.0),
     # the same model in pixel space, patch 4 -> 64 tokens (experiments/latent_vs_pixel.py's pixel arm)
     "shapes-pixel": DiTConfig(in_channels=3, patch_size=4, hidden_size=128, depth=6, cross_heads=4,
                               caption_channels=384, qk_norm=True, text_encoder="minilm", text_max_length=16, vae="",
@@ -479,15 +504,17 @@ def official_from_diffusers(dsd):
 def config_from_diffusers(c):
     if c.get("_class_name", "SanaTransformer2DModel") != "SanaTransformer2DModel":
         raise ValueError(f"diffusers folder holds a {c['_class_name']}, not a SanaTransformer2DModel")
-    if c.get("interpolation_scale") is not None or c.get("guidance_embeds"):
-        raise ValueError("this diffusers SANA uses a positional embedding (2K/4K) or guidance embeds (Sprint): "
-                         "not supported by nanoSANA; use a 512/1024px SANA or SANA-1.5 checkpoint")
+    if c.get("guidance_embeds"):
+        raise ValueError("this diffusers SANA uses guidance embeds (Sprint): not supported by nanoSANA; use a "
+                         "SANA or SANA-1.5 checkpoint")
+    pe = c.get("interpolation_scale")  # None: no positional embedding (512/1024px); 1.0 at 2K, 2.0 at 4K
     D = c["num_attention_heads"] * c["attention_head_dim"]
     return DiTConfig(in_channels=c["in_channels"], patch_size=c.get("patch_size", 1), hidden_size=D,
                      depth=c["num_layers"], linear_head_dim=c["attention_head_dim"],
                      cross_heads=c["num_cross_attention_heads"], mlp_ratio=c.get("mlp_ratio", 2.5),
                      caption_channels=c["caption_channels"], qk_norm=c.get("qk_norm") is not None,
-                     cross_norm_eps=1e-5, norm_eps=c.get("norm_eps", 1e-6))
+                     cross_norm_eps=1e-5, norm_eps=c.get("norm_eps", 1e-6), use_pe=pe is not None,
+                     pe_interpolation=pe or 1.0, pe_base_size=c.get("sample_size", 32) // c.get("patch_size", 1))
 
 
 def read_safetensors_dir(folder, stem):
@@ -584,6 +611,9 @@ DCAE_PRESETS = {
     # the laptop's latent space (autoencoder.py trains it): f4, 32x32x3 -> 8x8x16, ResBlocks only, 0.26M parameters
     "shapes": DCAEConfig(latent_channels=16, widths=(16, 32, 64), encoder_depths=(1, 1, 1), decoder_depths=(1, 1, 1),
                          block_types=("ResBlock",) * 3, qkv_multiscales=((), (), ()), scaling_factor=1.0),
+    # the same with 4 latent channels (8x8x4: 12x compression instead of 3x); the DiT learns it faster (README)
+    "shapes-c4": DCAEConfig(latent_channels=4, widths=(16, 32, 64), encoder_depths=(1, 1, 1), decoder_depths=(1, 1, 1),
+                            block_types=("ResBlock",) * 3, qkv_multiscales=((), (), ()), scaling_factor=1.0),
     "shapes-tiny": DCAEConfig(widths=(8, 16, 32, 32, 64, 64), encoder_depths=(1,) * 6, decoder_depths=(1,) * 6,
                               head_dim=8, scaling_factor=1.0),
 }

@@ -46,6 +46,7 @@ from model import PRESETS, LinearDiT, add_noise, save_model, shift_sigma, vae_fa
 class TrainConfig:
     out_dir: str = "out/shapes"
     preset: str = "shapes"  # a model.PRESETS name: the architecture when training from scratch
+    vae: str = ""  # from scratch: an autoencoder file instead of the preset's (its latent channels set in_channels)
     depth: int = 0  # 0: the preset's depth; growing: the target depth
     grad_checkpointing: bool = False  # recompute blocks in backward (official: on)
     init_from: str = ""  # fine-tune from a checkpoint (ours, official .pth or diffusers folder)
@@ -188,6 +189,9 @@ def build_model(cfg):
     """From scratch (preset), fine-tune (--init_from) or grow (--grow_from): the raw, unwrapped module."""
     if cfg.init_from and cfg.grow_from:
         raise SystemExit("error: give either --init_from or --grow_from, not both")
+    if cfg.vae and (cfg.init_from or cfg.grow_from):
+        raise SystemExit("error: --vae chooses a new model's latent space; a checkpoint (--init_from/--grow_from) "
+                         "keeps its own: drop --vae")
     if cfg.grow_from:
         from grow import grow
         if cfg.depth <= 0:
@@ -198,6 +202,13 @@ def build_model(cfg):
     if cfg.preset not in PRESETS:
         raise SystemExit(f"error: unknown preset '{cfg.preset}'; known: {', '.join(PRESETS)}")
     mcfg = dataclasses.replace(PRESETS[cfg.preset], depth=cfg.depth or PRESETS[cfg.preset].depth)
+    if cfg.vae:
+        from model import DCAEEncoder, local_path
+        try:
+            channels = DCAEEncoder.from_pretrained(local_path(cfg.vae)).config.latent_channels
+        except (ValueError, FileNotFoundError, OSError) as e:
+            raise SystemExit(f"error: --vae {cfg.vae}: {e}") from None
+        mcfg = dataclasses.replace(mcfg, vae=cfg.vae, in_channels=channels)
     return LinearDiT(mcfg)
 
 
@@ -240,7 +251,7 @@ def make_data(cfg, model_cfg, device="cpu"):
         if not model_cfg.vae:
             return data  # pixel space
         from autoencoder import LatentData
-        return LatentData(data, model_cfg.vae, device)  # x = DC-AE latents (the laptop preset: 8x8x16)
+        return LatentData(data, model_cfg.vae, device)  # x = DC-AE latents (the laptop preset: 8x8x4)
     from data import FolderData
     return FolderData(cfg.data, encoder, model_cfg.text_max_length, seed=cfg.seed)
 

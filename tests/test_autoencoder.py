@@ -116,7 +116,9 @@ def test_the_laptop_preset_trains_on_latents_and_evaluates_decoded_images(tmp_pa
 
 def test_the_command_writes_a_loadable_file(tmp_path):
     out = tmp_path / "ae.safetensors"
-    scores = autoencoder.main(["--out", str(out), "--steps", "3", "--calib_images", "8", "--batch_size", "4"])
+    scores = autoencoder.main(["--out", str(out), "--steps", "3", "--calib_images", "8", "--batch_size", "4",
+                               "--latent_channels", "8"])
+    assert DCAEEncoder.from_pretrained(str(out)).config.latent_channels == 8
     assert 0.0 <= scores["checker"]["overall"] <= 1.0 and scores["checker_ground_truth"]["overall"] > 0.99
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
@@ -127,15 +129,33 @@ def test_the_command_writes_a_loadable_file(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [(["--steps", "0"], "must be >= 1"),
                                            (["--image_size", "30"], "multiple of"),
-                                           (["--out", "ae.pt"], ".safetensors")])
+                                           (["--out", "ae.pt"], ".safetensors"),
+                                           (["--out", "ae.safetensors", "--latent_channels", "5"], "must divide"),
+                                           (["--preset", "shapes-tiny"], "pass --out")])
 def test_bad_flags_give_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         autoencoder.main(argv)
     assert message in str(e.value.code) and "\n" not in str(e.value.code)
 
 
-def test_the_shipped_autoencoder_is_the_laptop_presets():
-    vae = PRESETS["shapes"].vae
-    assert vae and os.path.isfile(os.path.join(ROOT, vae)), "weights/shapes_ae.safetensors is shipped in the repo"
+@pytest.mark.parametrize("preset", ["shapes", "shapes-c4"])
+def test_the_shipped_autoencoders_are_the_laptop_presets(preset):
+    vae = PRESETS[preset].vae
+    assert vae and os.path.isfile(os.path.join(ROOT, vae)), f"{vae} is shipped in the repo"
     enc = DCAEEncoder.from_pretrained(os.path.join(ROOT, vae))
-    assert enc.config.latent_channels == PRESETS["shapes"].in_channels and enc.factor == 4
+    assert enc.config.latent_channels == PRESETS[preset].in_channels and enc.factor == 4
+
+
+def test_train_vae_flag_sets_the_latent_space(tmp_path):
+    # --vae: a new model on another autoencoder; its latent channels become the DiT's input channels
+    tiny_ae(tmp_path / "ae.safetensors")  # 16 channels
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), preset="shapes-c4", vae=str(tmp_path / "ae.safetensors"),
+                      batch_size=2, max_steps=1, warmup_steps=1, log_every=1, progress=False, dtype="float32")
+    train(cfg)
+    model = LinearDiT.from_pretrained(str(tmp_path / "run" / "ckpt" / "model.safetensors"))
+    assert model.config.in_channels == 16 and model.config.vae == str(tmp_path / "ae.safetensors")
+    for bad, message in [(dict(vae=str(tmp_path / "missing.safetensors")), "--vae"),
+                         (dict(init_from=str(tmp_path / "run" / "ckpt" / "model.safetensors")), "drop --vae")]:
+        with pytest.raises(SystemExit) as e:
+            train(dataclasses.replace(cfg, out_dir=str(tmp_path / "bad"), **bad))
+        assert message in str(e.value.code) and "\n" not in str(e.value.code)

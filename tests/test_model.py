@@ -151,14 +151,14 @@ def test_bad_checkpoints_one_line_errors(tmp_path):
 
 # ---- diffusers as the reference implementation (optional) -----------------------------------------
 
-def tiny_diffusers(qk_norm):
+def tiny_diffusers(qk_norm, interpolation_scale=None):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     m = diffusers.SanaTransformer2DModel(
         in_channels=4, out_channels=4, num_attention_heads=36, attention_head_dim=32, num_layers=2,
         num_cross_attention_heads=16, cross_attention_head_dim=72, cross_attention_dim=1152,
         caption_channels=24, mlp_ratio=2.5, dropout=0.0, attention_bias=False, sample_size=8, patch_size=1,
-        norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=None, qk_norm=qk_norm)
+        norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=interpolation_scale, qk_norm=qk_norm)
     with torch.no_grad():  # diffusers zero/one-inits some tensors: randomise all so every weight matters
         for p in m.parameters():
             p.copy_(torch.randn_like(p) * 0.05)
@@ -198,6 +198,23 @@ def to_official_keys(dsd):
         for w in ("weight", "bias"):
             out[f"blocks.{i}.cross_attn.kv_linear.{w}"] = torch.cat([dsd[p + f"attn2.to_{c}.{w}"] for c in "kv"])
     return out
+
+
+def test_positional_embedding_matches_diffusers(tmp_path):
+    # the 2K/4K models' 2D sin-cos embedding (interpolation_scale 2.0 as at 4K), on an 8x6 grid, not the
+    # 8x8 it was configured for, so that the base size and the non-square layout both count
+    ref = tiny_diffusers("rms_norm_across_heads", interpolation_scale=2.0)
+    x, t, y, mask = inputs(DiTConfig(in_channels=4, caption_channels=24), H=8, W=6)
+    t = torch.tensor([999.0, 250.0])
+    with torch.no_grad():
+        want = ref(x, encoder_hidden_states=y, timestep=t, encoder_attention_mask=mask).sample
+    ref.save_pretrained(tmp_path / "diffusers")
+    ours = LinearDiT.from_pretrained(str(tmp_path / "diffusers")).eval()
+    assert ours.config.use_pe and ours.config.pe_interpolation == 2.0 and ours.config.pe_base_size == 8
+    with torch.no_grad():
+        assert rel_err(ours(x, t, y, mask), want) < 1e-5
+        ours.config.use_pe = False  # the embedding matters: without it the outputs differ
+        assert rel_err(ours(x, t, y, mask), want) > 1e-3
 
 
 @pytest.mark.parametrize("qk_norm", [None, "rms_norm_across_heads"])

@@ -20,7 +20,8 @@ def readme_commands(section):
 def tiny(cmd, tmp):
     """The same command, pointed at tmp and shrunk: a 2-step run of the tiny preset instead of 10 minutes."""
     args = shlex.split(cmd)[1:]
-    args = [a.replace("out/shapes/", f"{tmp}/shapes/") for a in args]
+    args = [re.sub(r"\bout/[\w.-]+/", f"{tmp}/shapes/", a) for a in args]  # every run folder: the tiny run's
+    args = [f"--vae={tmp}/ae.safetensors" if a.startswith("--vae=") else a for a in args]  # the autoencoder written above
     script = args[0]
     if script == "train.py":
         args += [f"--out_dir={tmp}/shapes", "--preset=shapes-tiny", "--max_steps=2", "--max_minutes=0",
