@@ -367,3 +367,21 @@ def test_cli_bad_input_is_one_line_error(tmp_path):
                        capture_output=True, text=True, cwd=savila.__file__.rsplit("/", 1)[0])
     assert r.returncode != 0
     assert r.stderr.strip().startswith("error: images folder") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_judge_extra_captions_are_new_and_labelled_by_the_checker():
+    extra = savila.judge_extra_captions()
+    texts = [p.text for p in extra]
+    assert len(set(texts)) == len(extra) == 6 * 30 * 4  # ordered shape pairs x ordered colour pairs x relations
+    assert not set(texts) & {p.text for p in shapes.all_prompts()}  # outside the world, so no eval prompt
+    # "a red circle left of a blue square" holds exactly where "a red circle and a blue square" and "a circle left
+    # of a square" both hold: checked on renders of colour-attribution prompts (random layouts)
+    rng = np.random.default_rng(0)
+    some = [extra[i] for i in rng.choice(len(extra), 64, replace=False)]
+    a_and_b = [shapes.make_prompt(shapes.Spec(p.spec.objects)) for p in some]
+    a_rel_b = [shapes.make_prompt(shapes.Spec(tuple(shapes.Obj(o.shape) for o in p.spec.objects), p.spec.relation))
+               for p in some]
+    images = shapes.render_batch([p.spec for p in a_and_b], rng=rng)
+    got = savila.pair_labels(images, some).diagonal()
+    want = shapes.check_batch(images, a_and_b) & shapes.check_batch(images, a_rel_b)
+    assert list(got) == list(want) and 0 < got.sum() < len(got)
