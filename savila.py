@@ -155,39 +155,7 @@ def question(prompt):
 # images folders, judge-training prompts, synthetic data
 
 
-def load_images_dir(folder):
-    """folder/index.jsonl + PNGs -> uint8 images (N, H, W, 3), prompt texts. One-line errors for bad folders."""
-    from PIL import Image
-
-    folder = Path(folder)
-    index = folder / "index.jsonl"
-    make = "write one with `python sample.py --prompts <prompts.txt> --out DIR`"
-    if not folder.is_dir():
-        raise ValueError(f"images folder {folder} does not exist; {make}")
-    if not index.is_file():
-        raise ValueError(f"{index} not found; an images folder holds PNGs and index.jsonl; {make}")
-    images, texts = [], []
-    for n, line in enumerate(index.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-            file, text = entry["file"], entry["prompt"]
-            assert isinstance(file, str) and isinstance(text, str)
-        except (ValueError, KeyError, TypeError, AssertionError):
-            raise ValueError(f'{index} line {n}: expected {{"file": "00001.png", "prompt": "..."}}, '
-                             f"got {line[:80]!r}") from None
-        if not (folder / file).is_file():
-            raise ValueError(f"{index} line {n}: image {folder / file} not found")
-        with Image.open(folder / file) as im:
-            images.append(np.asarray(im.convert("RGB")))
-        texts.append(text)
-    if not images:
-        raise ValueError(f"{index} lists no images; {make}")
-    sizes = {im.shape for im in images}
-    if len(sizes) > 1:
-        raise ValueError(f"{folder}: images of different sizes {sorted(sizes)}; a folder holds one size")
-    return np.stack(images), texts  # (N, H, W, 3) uint8
+load_images_dir = shapes.load_images_dir  # a folder sample.py wrote -> uint8 images, prompt texts
 
 
 def write_prompts(path, n, seed=0):

@@ -573,6 +573,76 @@ def format_table(result, name="nanoSANA", header=True):
     return (f"{'Method':<{width}}  " + "  ".join(TABLE_COLUMNS.values()) + "\n" + row) if header else row
 
 
+def binding_report(images, prompts):
+    """Does a model bind words to objects? Among position and colour-attribution images, counted per asked
+    relation: which relation the two prompted shapes are drawn in (where exactly those two objects came out),
+    and whether the two colours landed right, swapped, or otherwise. A bag-of-words model draws every relation
+    about equally often and swaps colours as often as it gets them right."""
+    prompts = [as_prompt(p) for p in prompts]
+    position = {r: {} for r in RELATIONS}
+    colours = {}
+    for found, p in zip(detect(to_uint8(images)), prompts):
+        if p.category not in ("position", "color_attr"):
+            continue
+        tally = position[p.spec.relation] if p.category == "position" else colours
+        a, b = p.spec.objects
+        fa, fb = [f for f in found if f.shape == a.shape], [f for f in found if f.shape == b.shape]
+        if len(found) != 2 or len(fa) != 1 or len(fb) != 1:
+            key = "shapes wrong"
+        elif p.category == "position":
+            dx, dy = relation_scores(np.array(fa[0].box, float), np.array(fb[0].box, float))
+            key = " + ".join(r for r in RELATIONS if relation_holds(dx, dy, r)) or "none"
+        else:
+            drawn = (fa[0].color, fb[0].color)
+            key = "right" if drawn == (a.color, b.color) else "swapped" if drawn == (b.color, a.color) else "other"
+        tally[key] = tally.get(key, 0) + 1
+    return {"position": {r: t for r, t in position.items() if t}, "color_attr": colours}
+
+
+def format_binding(report):
+    def line(name, tally):
+        n = sum(tally.values())
+        return f"{name} ({n}): " + ", ".join(f"{k} {v / n:.2f}" for k, v in sorted(tally.items(), key=lambda kv: -kv[1]))
+    rows = [line(f"asked {r!r}, drawn", t) for r, t in report["position"].items()]
+    return "\n".join(rows + ([line("colour attribution", report["color_attr"])] if report["color_attr"] else []))
+
+
+def load_images_dir(folder):
+    """folder/index.jsonl + PNGs -> uint8 images (N, H, W, 3), prompt texts. One-line errors for bad folders."""
+    from PIL import Image
+
+    folder = Path(folder)
+    index = folder / "index.jsonl"
+    make = "write one with `python sample.py --prompts <prompts.txt> --out DIR`"
+    if not folder.is_dir():
+        raise ValueError(f"images folder {folder} does not exist; {make}")
+    if not index.is_file():
+        raise ValueError(f"{index} not found; an images folder holds PNGs and index.jsonl; {make}")
+    images, texts = [], []
+    for n, line in enumerate(index.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            file, text = entry["file"], entry["prompt"]
+            assert isinstance(file, str) and isinstance(text, str)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            raise ValueError(f'{index} line {n}: expected {{"file": "00001.png", "prompt": "..."}}, '
+                             f"got {line[:80]!r}") from None
+        if not (folder / file).is_file():
+            raise ValueError(f"{index} line {n}: image {folder / file} not found")
+        with Image.open(folder / file) as im:
+            images.append(np.asarray(im.convert("RGB")))
+        texts.append(text)
+    if not images:
+        raise ValueError(f"{index} lists no images; {make}")
+    sizes = {im.shape for im in images}
+    if len(sizes) > 1:
+        raise ValueError(f"{folder}: images of different sizes {sorted(sizes)}; a folder holds one size")
+    return np.stack(images), texts  # (N, H, W, 3) uint8
+
+
+
 # -----------------------------------------------------------------------------
 # the fixed evaluation set and the judge's prompts
 
@@ -817,8 +887,21 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write_eval", action="store_true", help=f"regenerate {EVAL_PATH.name}")
     parser.add_argument("--validate", action="store_true", help="checker figures on ground truth + render time")
+    parser.add_argument("--prompts_of", metavar="CATEGORY", help="print every prompt of one category, one per line")
+    parser.add_argument("--binding", metavar="DIR", help="binding_report of a folder sample.py wrote")
     args = parser.parse_args()
-    if args.write_eval:
+    if args.prompts_of:
+        try:
+            print("\n".join(p.text for p in all_prompts(args.prompts_of)))
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+    elif args.binding:
+        try:
+            images, texts = load_images_dir(args.binding)
+            print(format_binding(binding_report(images, texts)))
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+    elif args.write_eval:
         print(f"wrote {len(make_eval_prompts())} prompts to {write_eval_prompts()}")
     elif args.validate:
         gt, shuffled, false_pass, n_false = validate(args.size, args.seed)

@@ -304,3 +304,18 @@ def test_cli_grid(tmp_path):
     subprocess.run([sys.executable, shapes.__file__, "--out", str(out), "--n", "6"], check=True, capture_output=True)
     from PIL import Image
     assert Image.open(out).size[0] > 6 * 32
+
+
+def test_binding_report_tells_bound_from_swapped():
+    rng = np.random.default_rng(0)
+    pos = shapes.all_prompts("position")
+    ca = shapes.all_prompts("color_attr")[:24]
+    images = shapes.render_batch([p.spec for p in pos + ca], rng=rng)
+    report = shapes.binding_report(images, pos + ca)
+    for relation, tally in report["position"].items():  # renders: the asked relation, always
+        assert all(relation in key.split(" + ") for key in tally), (relation, tally)
+    assert report["color_attr"] == {"right": 24}
+    swapped = [shapes.Spec((shapes.Obj(a.shape, 1, b.color), shapes.Obj(b.shape, 1, a.color)))
+               for a, b in (p.spec.objects for p in ca)]
+    assert shapes.binding_report(shapes.render_batch(swapped, rng=rng), ca)["color_attr"] == {"swapped": 24}
+    assert "asked 'left of', drawn (6)" in shapes.format_binding(report)
