@@ -602,9 +602,13 @@ def binding_report(images, prompts):
 def format_binding(report):
     def line(name, tally):
         n = sum(tally.values())
-        return f"{name} ({n}): " + ", ".join(f"{k} {v / n:.2f}" for k, v in sorted(tally.items(), key=lambda kv: -kv[1]))
+        ranked = sorted(tally.items(), key=lambda kv: -kv[1])
+        return f"{name} ({n}): " + ", ".join(f"{k} {v / n:.2f}" for k, v in ranked)
     rows = [line(f"asked {r!r}, drawn", t) for r, t in report["position"].items()]
     return "\n".join(rows + ([line("colour attribution", report["color_attr"])] if report["color_attr"] else []))
+
+
+# a folder of generated images, as sample.py writes it (read by --binding and by savila.py)
 
 
 def load_images_dir(folder):
