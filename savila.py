@@ -398,7 +398,8 @@ class SavilaTiny:
         if meta.get("format") != "savila-tiny":
             raise ValueError(f"{path} is not a SaVILA-tiny checkpoint (metadata format {meta.get('format')!r})")
         judge = cls(config_from_dict(json.loads(meta["config"])), encoder, device)
-        check_and_load(judge.net, load_file(path), "SaVILA-tiny")
+        check_and_load(judge.net, load_file(path), "SaVILA-tiny")  # assigns the file's (CPU) tensors
+        judge.net.to(device)  # so move after loading (found on an H100: sample.py --curve failed on cuda)
         return judge
 
 

@@ -1,6 +1,7 @@
 """savila.py: the tournament against hand-made answers and an independent rule, the VLM judge on a tiny random
 LLaVA against transformers' own generate(), the NVILA adapter on a stub, SaVILA-tiny training and save/load,
 and one-line errors for bad input."""
+import itertools
 import json
 import math
 import subprocess
@@ -295,6 +296,10 @@ def test_savila_tiny_save_load_round_trip(tmp_path, encoder, synthetic):
     assert savila.tournament(loaded, keep=2, candidates=images[:8], prompt=texts[0]) == \
         savila.tournament(judge(images[:8], texts[0]), keep=2)
     assert not list(tmp_path.glob("*.tmp*"))  # the atomic write left no temp file
+    # the weights land on the device asked for (loading assigns CPU tensors; sample.py on cuda once failed here):
+    # "meta" stands in for a GPU on this CPU-only machine
+    on_meta = savila.SavilaTiny.load(path, encoder, device="meta")
+    assert {t.device.type for t in itertools.chain(on_meta.net.parameters(), on_meta.net.buffers())} == {"meta"}
 
 
 def test_savila_tiny_bad_inputs(tmp_path, encoder, synthetic):
