@@ -798,18 +798,24 @@ class ShapesData:
     """Batches for train.py: x (B,3,H,W) in [-1, 1], y (B,L,D), mask (B,L), prompts (list of str).
     Stateless: batch (seed, step, rank) is always the same, so a resumed run sees exactly what it would have.
     Prompts are drawn category first (weights, default uniform: each of GenEval's six questions equally
-    often), then uniformly within the category. encoder=None gives images and prompts only."""
+    often), then uniformly within the category; steps before curriculum_steps use curriculum_weights instead.
+    encoder=None gives images and prompts only."""
 
-    def __init__(self, image_size=32, seed=0, encoder=None, weights=None):
+    def __init__(self, image_size=32, seed=0, encoder=None, weights=None, curriculum_steps=0, curriculum_weights=None):
         self.image_size, self.seed = image_size, seed
         self.encoder = encoder if encoder is None or isinstance(encoder, CaptionCache) else CaptionCache(encoder)
-        weights = weights or {c: 1.0 for c in CATEGORIES}
-        if set(weights) - set(CATEGORIES) or min(weights.values()) < 0 or sum(weights.values()) <= 0:
-            raise ValueError(f"weights must map categories among {list(CATEGORIES)} to non-negative numbers")
-        self.p = np.array([weights.get(c, 0.0) for c in CATEGORIES]) / sum(weights.values())
+        self.p = self._probabilities(weights)
+        self.curriculum_steps, self.p_first = curriculum_steps, self._probabilities(curriculum_weights)
         self.pools = [all_prompts(c) for c in CATEGORIES]
         if self.encoder is not None:  # every caption encoded once, in one batch: no encoder work while training
             self.encoder([p.text for p in all_prompts()])
+
+    @staticmethod
+    def _probabilities(weights):
+        weights = weights or {c: 1.0 for c in CATEGORIES}
+        if set(weights) - set(CATEGORIES) or min(weights.values()) < 0 or sum(weights.values()) <= 0:
+            raise ValueError(f"weights must map categories among {list(CATEGORIES)} to non-negative numbers")
+        return np.array([weights.get(c, 0.0) for c in CATEGORIES]) / sum(weights.values())
 
     def get_batch(self, step, batch_size, rank=0, world_size=1):
         """Rows [rank*B/W, (rank+1)*B/W) of the global batch of `step`: the same rows whatever the world size
@@ -818,7 +824,7 @@ class ShapesData:
             raise ValueError(f"need 0 <= rank < world_size dividing batch_size, got rank {rank} of {world_size}, "
                              f"batch {batch_size}")
         rng = np.random.default_rng((self.seed, step))
-        cats = rng.choice(len(CATEGORIES), size=batch_size, p=self.p)
+        cats = rng.choice(len(CATEGORIES), size=batch_size, p=self.p_first if step < self.curriculum_steps else self.p)
         prompts = [self.pools[c][rng.integers(len(self.pools[c]))] for c in cats]
         images = render_batch([p.spec for p in prompts], self.image_size, rng)  # (B, H, W, 3) uint8
         rows = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)

@@ -58,6 +58,8 @@ class TrainConfig:
     data: str = "shapes"  # "shapes" or a folder of name.jpg/png + name.txt pairs (see data.py)
     image_size: int = 32
     shapes_weights: str = ""  # shapes world: category mix, e.g. "position=2,color_attr=2" (unnamed: 1)
+    curriculum_steps: int = 0  # shapes world: the first steps draw from curriculum_weights instead (a curriculum)
+    curriculum_weights: str = ""  # e.g. colour attribution alone: binding learned first survives the full mix (README)
     text_encoder: str = ""  # "": what the model expects (config.text_encoder); or a transformers folder
     # optimisation
     batch_size: int = 64  # global batch size: micro_batch_size x world size x accumulation steps
@@ -219,7 +221,7 @@ def load_or_exit(path):
         raise SystemExit(f"error: {e}") from None
 
 
-def category_weights(text):
+def category_weights(text, flag="shapes_weights"):
     """--shapes_weights "position=2,color_attr=2" -> a weight for each of the six categories (unnamed ones 1)."""
     from shapes import CATEGORIES
 
@@ -233,11 +235,11 @@ def category_weights(text):
         except ValueError:
             weight = -1.0
         if name.strip() not in weights or not weight >= 0:
-            raise SystemExit(f"error: --shapes_weights item {item!r}: use category=weight (weight >= 0) with a "
+            raise SystemExit(f"error: --{flag} item {item!r}: use category=weight (weight >= 0) with a "
                              f"category among {', '.join(CATEGORIES)}")
         weights[name.strip()] = weight
     if sum(weights.values()) <= 0:
-        raise SystemExit("error: --shapes_weights gives every category weight 0; at least one must be > 0")
+        raise SystemExit(f"error: --{flag} gives every category weight 0; at least one must be > 0")
     return weights
 
 
@@ -246,8 +248,12 @@ def make_data(cfg, model_cfg, device="cpu"):
     encoder = cfg.text_encoder or model_cfg.text_encoder
     if cfg.data == "shapes":
         from shapes import ShapesData, laptop_text_encoder
+        if cfg.curriculum_steps < 0 or bool(cfg.curriculum_steps) != bool(cfg.curriculum_weights):
+            raise SystemExit("error: a curriculum needs both --curriculum_steps (> 0) and --curriculum_weights "
+                             "(a category mix like --shapes_weights), or neither")
         data = ShapesData(cfg.image_size, cfg.seed, laptop_text_encoder(encoder, model_cfg.text_max_length),
-                          weights=category_weights(cfg.shapes_weights))
+                          weights=category_weights(cfg.shapes_weights), curriculum_steps=cfg.curriculum_steps,
+                          curriculum_weights=category_weights(cfg.curriculum_weights, "curriculum_weights"))
         if not model_cfg.vae:
             return data  # pixel space
         from autoencoder import LatentData

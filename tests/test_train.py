@@ -159,6 +159,12 @@ def test_bad_flags_and_checkpoints_one_line_errors(tmp_path):
         with pytest.raises(SystemExit, match="shapes_weights") as e:
             train(tiny(tmp_path, shapes_weights=bad))
         assert "\n" not in str(e.value)
+    for bad in (dict(curriculum_steps=10), dict(curriculum_weights="colors=1"),
+                dict(curriculum_steps=-1, curriculum_weights="colors=1")):
+        with pytest.raises(SystemExit, match="curriculum_steps .* and --curriculum_weights"):
+            train(tiny(tmp_path, **bad))
+    with pytest.raises(SystemExit, match="--curriculum_weights item 'pos=2'"):
+        train(tiny(tmp_path, curriculum_steps=10, curriculum_weights="pos=2"))
 
 
 def test_shapes_weights_set_how_often_each_category_is_drawn():
@@ -169,6 +175,17 @@ def test_shapes_weights_set_how_often_each_category_is_drawn():
     data = ShapesData(weights=weights)
     cats = [category_of(p.spec) for s in range(4) for p in map(as_prompt, data.get_batch(s, 200)["prompts"])]
     assert "color_attr" not in cats and cats.count("position") > 2 * cats.count("colors")  # 3/8 vs 1/8 expected
+
+
+def test_curriculum_draws_its_own_mix_for_the_first_steps():
+    only = {c: float(c == "color_attr") for c in CATEGORIES}
+    data = ShapesData(curriculum_steps=3, curriculum_weights=only)
+    cats = [[category_of(p.spec) for p in map(as_prompt, data.get_batch(s, 100)["prompts"])] for s in range(5)]
+    assert all(set(c) == {"color_attr"} for c in cats[:3])  # steps 0-2: the curriculum's mix alone
+    assert all(len(set(c)) == 6 for c in cats[3:])  # then the uniform mix: all six categories in 100 draws
+    plain = ShapesData()
+    assert data.get_batch(3, 8)["prompts"] == plain.get_batch(3, 8)["prompts"]  # same stream after it
+    assert data.get_batch(0, 8)["prompts"] != plain.get_batch(0, 8)["prompts"]
 
 
 def test_lr_warms_up_then_cools_down_to_zero():
