@@ -258,6 +258,9 @@ def make_data(cfg, model_cfg, device="cpu"):
             return data  # pixel space
         from autoencoder import LatentData
         return LatentData(data, model_cfg.vae, device)  # x = DC-AE latents (the laptop preset: 8x8x4)
+    if cfg.curriculum_steps or cfg.curriculum_weights or cfg.shapes_weights:
+        raise SystemExit(f"error: --shapes_weights and the curriculum flags mix the shapes world's categories; "
+                         f"--data {cfg.data} is a folder of images: drop them")
     from data import FolderData
     return FolderData(cfg.data, encoder, model_cfg.text_max_length, seed=cfg.seed)
 

@@ -165,6 +165,8 @@ def test_bad_flags_and_checkpoints_one_line_errors(tmp_path):
             train(tiny(tmp_path, **bad))
     with pytest.raises(SystemExit, match="--curriculum_weights item 'pos=2'"):
         train(tiny(tmp_path, curriculum_steps=10, curriculum_weights="pos=2"))
+    with pytest.raises(SystemExit, match="folder of images: drop them"):
+        train(tiny(tmp_path, data=str(tmp_path), curriculum_steps=10, curriculum_weights="colors=1"))
 
 
 def test_shapes_weights_set_how_often_each_category_is_drawn():
