@@ -45,7 +45,7 @@ from model import PRESETS, LinearDiT, add_noise, save_model, shift_sigma, vae_fa
 @dataclass
 class TrainConfig:
     out_dir: str = "out/shapes"
-    preset: str = "shapes"  # a model.PRESETS name: the architecture when training from scratch
+    preset: str = "shapes-c4"  # a model.PRESETS name: the architecture when training from scratch (the laptop one)
     vae: str = ""  # from scratch: an autoencoder file instead of the preset's (its latent channels set in_channels)
     depth: int = 0  # 0: the preset's depth; growing: the target depth
     grad_checkpointing: bool = False  # recompute blocks in backward (official: on)

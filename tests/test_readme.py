@@ -12,7 +12,8 @@ def readme_commands(section):
     """The `python ...` lines of the bash blocks under the README heading `section`."""
     text = open(os.path.join(ROOT, "README.md")).read()
     body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
-    lines = [l.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", body, re.S) for l in block.splitlines()]
+    blocks = [b.replace("\\\n", " ") for b in re.findall(r"```bash\n(.*?)```", body, re.S)]  # join "\" continuations
+    lines = [l.split("#")[0].strip() for block in blocks for l in block.splitlines()]
     cmds = [c.strip() for l in lines for c in l.split("&&")]  # "pip install ... && python sample.py"
     return [c for c in cmds if c.startswith("python ")]
 
