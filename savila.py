@@ -75,6 +75,8 @@ class SavilaConfig:
     channels: int = 32  # CNN widths c, 2c, 2c, 4c, 4c
     width: int = 128  # the joint space where image and caption meet
     hidden: int = 64  # the answer head's hidden width
+    text_linear: bool = False  # the caption tower linear in its slots: unseen captions get sums of seen parts
+    attend: int = 0  # caption-driven attention heads over the image grid, each reading where it looked (0: none)
 
 
 def config_from_dict(d):
@@ -277,6 +279,30 @@ class NvilaJudge:
 # SaVILA-tiny: the laptop judge
 
 
+class WordEmbeddings:
+    """A text encoder's input word embeddings per token, no context: texts -> (states (B, L, D), mask (B, L)),
+    as model.TextEncoder returns them. "square" is the same vector in every caption, so a judge that reads the
+    token slots linearly answers an unseen caption with the sum of parts it has seen (contextual states let it
+    memorise whole captions: on the held-out position captions it then did worse than chance)."""
+
+    def __init__(self, encoder):
+        self.encoder, self.dim = encoder, encoder.dim
+
+    @torch.no_grad()
+    def __call__(self, texts):
+        e = self.encoder
+        tok = e.tokenizer([t.lower().strip() for t in texts], max_length=e.max_length, padding="max_length",
+                          truncation=True, return_tensors="pt").to(e.device)
+        return e.model.get_input_embeddings()(tok.input_ids).float(), tok.attention_mask.long()
+
+
+def caption_encoder(kind, device="cpu"):
+    """shapes.laptop_text_encoder(kind), or with kind "<kind>-words" its WordEmbeddings."""
+    if kind.endswith("-words"):
+        return WordEmbeddings(shapes.laptop_text_encoder(kind[:-len("-words")], device=device))
+    return shapes.laptop_text_encoder(kind, device=device)
+
+
 class SavilaNet(nn.Module):
     """One logit "yes" per (image, caption) pair. Two towers meet in a small head: head(image(x) * text(y)).
     - image: a 5-conv CNN (BatchNorm, GELU, two stride-2 steps) over RGB + x/y coordinate channels, so that
@@ -284,7 +310,11 @@ class SavilaNet(nn.Module):
     - text: each token state projected, padding zeroed, the first text_len positions concatenated (word order
       matters: "a circle left of a square"), then an MLP.
     - head: an MLP on the elementwise product, so every caption feature gates every image feature.
-    The towers are independent, so a batch of images meets every caption at the cost of one head (pairs())."""
+    - attend = k > 0: k attention heads whose queries come from the caption look over the CNN's grid; each reads
+      features (added to the image side) and where it looked (a softmax-weighted centroid). The centroids and
+      their offsets, gated by the caption, feed a second small head. Pooled features alone cannot say which
+      shape is left of which (measured: right vs relation-flipped caption on renders, 0.49-0.51, chance).
+    The image tower runs once per image; only the head (and the attention) runs per image-caption pair (pairs())."""
 
     def __init__(self, config):
         super().__init__()
@@ -295,8 +325,18 @@ class SavilaNet(nn.Module):
                                    (nn.Conv2d(i, o, 3, s, 1, bias=False), nn.BatchNorm2d(o), nn.GELU())])
         self.image_mlp = nn.Sequential(nn.Linear(8 * c, w), nn.GELU(), nn.Linear(w, w))
         self.token_proj = nn.Linear(config.text_dim, 32)
-        self.text_mlp = nn.Sequential(nn.Linear(32 * config.text_len, 2 * w), nn.GELU(), nn.Linear(2 * w, w))
+        self.text_mlp = (nn.Linear(32 * config.text_len, w) if config.text_linear else
+                         nn.Sequential(nn.Linear(32 * config.text_len, 2 * w), nn.GELU(), nn.Linear(2 * w, w)))
         self.head = nn.Sequential(nn.Linear(w, config.hidden), nn.GELU(), nn.Linear(config.hidden, 1))
+        k = config.attend
+        if k:
+            self.keys = nn.Conv2d(4 * c, k * 32, 1)
+            self.values = nn.Conv2d(4 * c, k * 32, 1)
+            self.queries = nn.Linear(w, k * 32)
+            self.read = nn.Linear(k * 32, w)  # what the heads saw, into the joint space
+            n_geo = 2 * k * k  # each head's centroid (x, y) and every ordered pair's offset (x, y)
+            self.geo_text = nn.Linear(w, n_geo)  # which geometry the caption asks about, with its sign
+            self.geo_head = nn.Sequential(nn.Linear(n_geo, config.hidden), nn.GELU(), nn.Linear(config.hidden, 1))
 
     def image(self, x):
         """x (N, 3, H, W) in [-1, 1] -> (N, width)."""
@@ -304,7 +344,10 @@ class SavilaNet(nn.Module):
         yy, xx = torch.meshgrid(torch.linspace(-1, 1, H, device=x.device), torch.linspace(-1, 1, W, device=x.device),
                                 indexing="ij")
         h = self.cnn(torch.cat([x, xx.expand(N, 1, H, W), yy.expand(N, 1, H, W)], 1))  # (N, 4c, H/4, W/4)
-        return self.image_mlp(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1))  # (N, width)
+        v = self.image_mlp(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1))  # (N, width)
+        if not self.config.attend:
+            return v
+        return v, self.keys(h).flatten(2), self.values(h).flatten(2)  # (N, width), 2 x (N, k*32, P)
 
     def text(self, y, mask):
         """y (C, L, Dt), mask (C, L) -> (C, width)."""
@@ -315,13 +358,43 @@ class SavilaNet(nn.Module):
         h = F.pad(h, (0, 0, 0, L - h.shape[1]))  # (C, L, 32)
         return self.text_mlp(h.flatten(1))  # (C, width)
 
-    def pairs(self, v, t):
-        """Every image with every caption: v (N, width), t (C, width) -> logits (N, C)."""
-        return self.head(v[:, None] * t[None]).squeeze(-1)
+    def attention(self, keys, values, t, grid):
+        """Caption-driven attention, image-caption pairs broadcast: keys/values (N|1, 1|C, k*32, P), t (1|N, C,
+        width) -> what the heads read (.., width) and the geometry (.., n_geo): centroids and offsets."""
+        k = self.config.attend
+        q = self.queries(t).unflatten(-1, (k, 32))  # (.., C, k, 32)
+        kk, vv = keys.unflatten(-2, (k, 32)), values.unflatten(-2, (k, 32))  # (.., k, 32, P)
+        a = torch.softmax(torch.einsum("...hd,...hdp->...hp", q, kk) / 32**0.5, -1)  # (.., k, P)
+        read = self.read(torch.einsum("...hp,...hdp->...hd", a, vv).flatten(-2))  # (.., width)
+        cent = torch.einsum("...hp,pc->...hc", a, grid)  # (.., k, 2) where each head looked, in [-1, 1]
+        i, j = torch.triu_indices(k, k, 1)
+        geo = torch.cat([cent.flatten(-2), (cent[..., i, :] - cent[..., j, :]).flatten(-2),
+                         (cent[..., j, :] - cent[..., i, :]).flatten(-2)], -1)
+        return read, geo
+
+    def _grid(self, P, device):
+        s = int(P**0.5)
+        c = torch.linspace(-1, 1, s, device=device)
+        return torch.stack(torch.meshgrid(c, c, indexing="xy"), -1).reshape(P, 2)  # (P, 2) = (x, y)
+
+    def _logits(self, img, t):
+        """img: the image tower's output broadcast against t (.., width) -> logits (..)."""
+        if not self.config.attend:
+            return self.head(img * t).squeeze(-1)
+        v, keys, values = img
+        read, geo = self.attention(keys, values, t, self._grid(keys.shape[-1], keys.device))
+        return (self.head((v + read) * t) + self.geo_head(geo * self.geo_text(t))).squeeze(-1)
+
+    def pairs(self, img, t):
+        """Every image with every caption: img from image() for N images, t (C, width) -> logits (N, C)."""
+        if not self.config.attend:
+            return self._logits(img[:, None], t[None])
+        v, keys, values = img
+        return self._logits((v[:, None], keys[:, None], values[:, None]), t[None])
 
     def forward(self, x, y, mask):
         """Image i with caption i: x (N, 3, H, W), y (N, L, Dt), mask (N, L) -> logits (N,)."""
-        return self.head(self.image(x) * self.text(y, mask)).squeeze(-1)
+        return self._logits(self.image(x), self.text(y, mask))
 
 
 def to_unit(images, size):
@@ -356,7 +429,7 @@ class SavilaTiny:
     @property
     def captions(self):
         if self._captions is None:
-            self._captions = self._cache(shapes.laptop_text_encoder(self.config.text_encoder))
+            self._captions = self._cache(caption_encoder(self.config.text_encoder))
         return self._captions
 
     @torch.no_grad()
@@ -414,7 +487,7 @@ def judge_train_pool():
     return [p for p in shapes.all_prompts() if p.category not in shapes.SPLIT_CATEGORIES or p not in held]
 
 
-def judge_extra_captions():
+def judge_extra_captions(partial=False):
     """Captions outside the world's 240 prompts, asked of the judge's training images only: two coloured
     objects in a relation ("a photo of a red circle left of a blue square"), 720 of them, filed under position.
     The split leaves the judge 12 position prompts; these add every (shape, colour) pair in every relation.
@@ -427,6 +500,13 @@ def judge_extra_captions():
                 objects = (shapes.Obj(a, 1, ca), shapes.Obj(b, 1, cb))
                 text = f"a photo of {shapes.describe(objects[0])} {relation} {shapes.describe(objects[1])}"
                 out.append(shapes.Prompt(text, "position", shapes.Spec(objects, relation)))
+    if partial:  # one of the two objects coloured: "a photo of a red circle left of a square"
+        for a, b in itertools.permutations(shapes.SHAPES, 2):
+            for c in shapes.COLORS:
+                for relation in shapes.RELATIONS:
+                    for objects in ((shapes.Obj(a, 1, c), shapes.Obj(b)), (shapes.Obj(a), shapes.Obj(b, 1, c))):
+                        text = f"a photo of {shapes.describe(objects[0])} {relation} {shapes.describe(objects[1])}"
+                        out.append(shapes.Prompt(text, "position", shapes.Spec(objects, relation)))
     return out
 
 
@@ -444,6 +524,20 @@ def near_pairs(prompts, captions):
     return cat(prompts)[:, None] == cat(captions)[None]
 
 
+def relation_pairs(labels, captions):
+    """bool (N, C): caption c names two objects in a relation, and image i fits another caption naming the same
+    objects: c can only be wrong about the relation, the hardest "no" (or a converse-worded "yes")."""
+    specs = [shapes.as_prompt(c).spec for c in captions]
+    key = [frozenset((o.shape, o.color) for o in s.objects) if s.relation else None for s in specs]
+    groups = {k: i for i, k in enumerate(dict.fromkeys(k for k in key if k is not None))}
+    member = np.zeros((len(captions), len(groups)), dtype=np.float32)  # caption -> its object group
+    for c, k in enumerate(key):
+        if k is not None:
+            member[c, groups[k]] = 1
+    shown = (np.asarray(labels, dtype=np.float32) @ member) > 0  # (N, G) image i fits a caption of group g
+    return (shown @ member.T) > 0  # (N, C)
+
+
 def caption_weights(labels, pairs):
     """Balanced BCE weights per caption, (C,) for its yes pairs and (C,) for its no pairs: for every caption
     its yes and its no answers weigh the same, whatever its yes-rate among `pairs` (N, C) 0/1."""
@@ -452,7 +546,7 @@ def caption_weights(labels, pairs):
 
 
 def train_judge(images, captions, labels, near=None, config=None, encoder=None, steps=1200, batch_size=64,
-                lr=1e-3, warmup=0.03, seed=0, device="cpu", log_every=100):
+                lr=1e-3, warmup=0.03, seed=0, device="cpu", log_every=100, rank=0.0, hard=None):
     """Each step: batch_size images, each asked about every caption; labels (N, C) bool from pair_labels.
     The loss has two equal shares, both BCE balanced per caption (caption_weights):
     - all pairs, each of GenEval's six categories weighing the same (color_attr has most of the captions);
@@ -476,6 +570,9 @@ def train_judge(images, captions, labels, near=None, config=None, encoder=None, 
     per_cat = torch.tensor([1 / (len(set(cats)) * (cats == c).sum()) for c in cats]) * len(cats)  # (C,) mean 1
     w_all = [(w * per_cat).to(device) for w in caption_weights(labels, torch.ones_like(labels))]  # 2 x (C,)
     w_near = [w.to(device) for w in caption_weights(labels, near)]  # 2 x (C,)
+    if hard is not None:
+        hard = torch.as_tensor(np.asarray(hard, dtype=np.float32))
+        w_hard = [w.to(device) for w in caption_weights(labels, hard)]
     warm = max(1, round(warmup * steps))
     schedule = lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
     opt = torch.optim.Adam(judge.net.parameters(), lr=lr)
@@ -493,6 +590,16 @@ def train_judge(images, captions, labels, near=None, config=None, encoder=None, 
         bce = F.binary_cross_entropy_with_logits(z.float(), target, reduction="none")  # (B, C)
         loss = ((bce * torch.where(target > 0, *w_all)).mean()
                 + ((bce * torch.where(target > 0, *w_near) * nb).sum(1) / nb.sum(1).clamp(min=1)).mean())
+        if hard is not None:  # a third share: captions that differ from the image only in the relation
+            hb = hard[b].to(device)
+            loss = loss + ((bce * torch.where(target > 0, *w_hard) * hb).sum(1) / hb.sum(1).clamp(min=1)).mean()
+        if rank:  # best-of-N's question: among one caption's near images, are its right ones on top?
+            zr = z.float().masked_fill(nb == 0, -1e4)
+            has = ((target * nb).sum(0) > 0) & (((1 - target) * nb).sum(0) > 0)  # (C,) a yes and a no to rank
+            if has.any():
+                lse_all = torch.logsumexp(zr, 0)
+                lse_yes = torch.logsumexp(zr.masked_fill(target == 0, -1e4), 0)
+                loss = loss + rank * (lse_all - lse_yes)[has].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -540,6 +647,13 @@ if __name__ == "__main__":
     parser.add_argument("--ckpt", default="out/savila_tiny.safetensors", help="the judge --eval loads")
     parser.add_argument("--text_encoder", default="minilm", help="minilm | gemma-tiny (shapes.laptop_text_encoder)")
     parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--hard", action="store_true", help="a loss share on relation-only near misses")
+    parser.add_argument("--rank", type=float, default=0.0, help="weight of the listwise ranking loss")
+    parser.add_argument("--partial", action="store_true", help="extra captions with one of two objects coloured")
+    parser.add_argument("--text_linear", action="store_true", help="SavilaConfig.text_linear")
+    parser.add_argument("--attend", type=int, default=0, help="caption-driven attention heads (SavilaConfig.attend)")
+    parser.add_argument("--renders", type=int, default=0,
+                        help="with --images: also train on this many ground-truth renders of judge-training prompts")
     parser.add_argument("--world_captions_only", action="store_true",
                         help="train on the world's prompts alone, without judge_extra_captions() (sessions 4-6's judges)")
     parser.add_argument("--batch_size", type=int, default=64, help="images per step, each asked every caption")
@@ -568,16 +682,23 @@ if __name__ == "__main__":
                                      f"prompts, e.g. {sorted(leaked)[0]!r}; App. B keeps evaluation prompts out: "
                                      "generate for `python savila.py --write_prompts FILE`")
             held = np.random.default_rng(args.seed).random(len(images)) < args.val_frac
-            captions = pool if args.world_captions_only else pool + judge_extra_captions()  # shapes.Prompt
-            labels = pair_labels(images[~held], captions)  # App. B: the checker labels every pair
-            print(f"{int((~held).sum())} training images x {len(captions)} captions, {labels.mean():.2%} of the "
+            captions = pool if args.world_captions_only else pool + judge_extra_captions(args.partial)
+            train_images, train_texts = images[~held], [t for t, h in zip(texts, held) if not h]
+            if args.renders:
+                prompts = shapes.judge_train_prompts(args.renders, args.seed + 7)
+                train_images = np.concatenate([train_images, shapes.render_batch([p.spec for p in prompts], images.shape[1], args.seed + 7)])
+                train_texts = train_texts + [p.text for p in prompts]
+            labels = pair_labels(train_images, captions)  # App. B: the checker labels every pair
+            print(f"{len(train_images)} training images x {len(captions)} captions, {labels.mean():.2%} of the "
                   f"pairs labelled yes by the checker")
-            encoder = shapes.laptop_text_encoder(args.text_encoder, device=args.device)
-            config = SavilaConfig(image_size=images.shape[1], text_encoder=args.text_encoder, text_dim=encoder.dim)
+            encoder = caption_encoder(args.text_encoder, device=args.device)
+            config = SavilaConfig(image_size=images.shape[1], text_encoder=args.text_encoder, text_dim=encoder.dim,
+                                  attend=args.attend, text_linear=args.text_linear)
             t0 = time.perf_counter()
-            near = near_pairs([t for t, h in zip(texts, held) if not h], captions)
-            judge, _ = train_judge(images[~held], captions, labels, near, config, encoder, args.steps,
-                                   args.batch_size, args.lr, seed=args.seed, device=args.device)
+            near = near_pairs(train_texts, captions)
+            judge, _ = train_judge(train_images, captions, labels, near, config, encoder, args.steps,
+                                   args.batch_size, args.lr, seed=args.seed, device=args.device, rank=args.rank,
+                                   hard=relation_pairs(labels, captions) if args.hard else None)
             print(f"trained in {time.perf_counter() - t0:.0f}s")
             judge.save(args.out, source="synthetic" if args.synthetic else str(args.images), steps=args.steps)
             print(f"saved {args.out}")

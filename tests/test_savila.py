@@ -390,3 +390,81 @@ def test_judge_extra_captions_are_new_and_labelled_by_the_checker():
     got = savila.pair_labels(images, some).diagonal()
     want = shapes.check_batch(images, a_and_b) & shapes.check_batch(images, a_rel_b)
     assert list(got) == list(want) and 0 < got.sum() < len(got)
+
+
+def test_relation_pairs_are_the_captions_that_differ_only_in_the_relation():
+    captions = savila.judge_train_pool() + savila.judge_extra_captions()
+    images, drawn = shapes.render_batch([shapes.as_prompt("a photo of a circle left of a square").spec] * 4
+                                        + [shapes.as_prompt("a photo of a red circle").spec], rng=1,
+                                       return_objects=True)
+    labels = savila.pair_labels(images, captions)
+    hard = savila.relation_pairs(labels, captions)
+    distinct = [i for i in range(4) if drawn[i][0].color != drawn[i][1].color]  # the extra captions name two colours
+    assert distinct
+    for i in distinct:
+        colours = {(f.shape, f.color) for f in drawn[i]}
+        named = [{(o.shape, o.color) for o in captions[c].spec.objects} for c in np.nonzero(hard[i])[0]]
+        # every hard caption names the drawn shapes (with the drawn colours or none) in some relation ...
+        assert all(n == colours or n == {("circle", None), ("square", None)} for n in named)
+        # ... all 8 wordings (2 orders x 4 relations) for the coloured pair, and 2 of them fit the image
+        coloured = [c for c in np.nonzero(hard[i])[0] if captions[c].spec.objects[0].color]
+        assert len(coloured) == 8 and labels[i, coloured].sum() == 2
+    assert not hard[4].any()  # an image with no relational caption that fits has no relation-only near misses
+
+
+def test_attention_judge_pairs_match_forward_and_heads_read_positions(encoder):
+    torch.manual_seed(0)
+    net = savila.SavilaNet(savila.SavilaConfig(text_dim=encoder.dim, attend=2, **TINY)).eval()
+    images, _ = savila.synthetic_set(shapes.judge_train_prompts(6, seed=2), seed=2)
+    x = savila.to_unit(images, 32)
+    texts = [p.text for p in shapes.all_prompts("position")[:5]]
+    y, mask = encoder(texts)
+    with torch.no_grad():
+        every = net.pairs(net.image(x), net.text(y, mask))  # (6, 5)
+        for i in range(6):  # image i with each caption, one pair at a time
+            one = net(x[i:i + 1].expand(5, -1, -1, -1), y, mask)
+            assert torch.allclose(every[i], one, atol=1e-5)
+    # a head whose key is large at one cell only looks there: its centroid is that cell's (x, y) in [-1, 1]
+    P = 64
+    grid = net._grid(P, "cpu")
+    keys = torch.zeros(1, 1, 2 * 32, P)
+    keys[..., :, 10] = 50.0  # cell 10: row 1, column 2 of the 8x8 grid
+    keys[..., 32:, 10] = 0.0
+    keys[..., 32:, 60] = 50.0  # head 2: cell 60, row 7, column 4
+    with torch.no_grad():
+        net.queries.weight.zero_()
+        net.queries.bias.fill_(1.0)
+        _, geo = net.attention(keys, torch.zeros_like(keys), torch.zeros(1, 1, TINY["width"]), grid)
+    c = torch.linspace(-1, 1, 8)
+    expect = torch.tensor([c[2], c[1], c[4], c[7]])
+    assert torch.allclose(geo[0, 0, :4], expect, atol=1e-4)
+    assert torch.allclose(geo[0, 0, 4:6], expect[:2] - expect[2:], atol=1e-4)  # head 1 relative to head 2
+
+
+def test_attention_judge_trains_with_the_relation_share_and_the_ranking_loss(encoder):
+    pool = shapes.all_prompts("position")
+    rng = np.random.default_rng(0)
+    images = shapes.render_batch([pool[i].spec for i in rng.integers(len(pool), size=64)], rng=3)
+    captions = [p.text for p in pool]
+    labels = savila.pair_labels(images, captions)
+    hard = savila.relation_pairs(labels, captions)
+    assert hard.sum(1).min() == 8  # every image: the 8 wordings of its two shapes, 2 of them right
+    config = savila.SavilaConfig(text_dim=encoder.dim, attend=2, **TINY)
+    _, losses = savila.train_judge(images, captions, labels, hard, config=config, encoder=encoder, steps=150,
+                                   batch_size=32, lr=3e-3, log_every=0, rank=1.0, hard=hard)
+    assert len(losses) == 150 and all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5])
+
+
+def test_word_embeddings_give_a_word_the_same_vector_in_every_caption(encoder):
+    words = savila.WordEmbeddings(encoder.encoder)  # the fixture's CaptionCache wraps a model.TextEncoder
+    texts = ["a photo of a circle left of a square", "a photo of a square left of a circle"]
+    y, mask = words(texts)
+    states, _ = encoder.encoder(texts)  # contextual states: the same word differs with its neighbours
+    ids = encoder.encoder.tokenizer(texts).input_ids
+    i0, i1 = ids[0].index(ids[1][-1]), len(ids[1]) - 1  # "circle": early in the first caption, last in the second
+    assert y.shape == states.shape and mask.tolist() == [[1] * len(i) + [0] * (y.shape[1] - len(i)) for i in ids]
+    assert torch.equal(y[0, i0], y[1, i1])
+    assert not torch.allclose(states[0, i0], states[1, i1])
+    with pytest.raises(ValueError, match="unknown laptop text encoder"):
+        savila.caption_encoder("nothing-words")
