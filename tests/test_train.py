@@ -87,7 +87,9 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     a = weights(str(tmp_path / "big/run/ckpt/model.safetensors"))
     b = weights(str(tmp_path / "acc/run/ckpt/model.safetensors"))
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=2e-6), k
+        # 1e-5: summation order differs between CPUs (2.4e-6 seen on an AMD EPYC); a wrong accumulation moves
+        # weights by a whole Adam step (~lr)
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
 
 
 def torchrun(args, nproc=2):
@@ -108,7 +110,9 @@ def test_two_processes_match_one(tmp_path, mode):
     a = weights(str(tmp_path / "one/run/ckpt/model.safetensors"))
     b = weights(str(tmp_path / "two/ckpt/model.safetensors"))
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=2e-6), k
+        # 1e-5: summation order differs between CPUs (2.4e-6 seen on an AMD EPYC); a wrong accumulation moves
+        # weights by a whole Adam step (~lr)
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
     l1 = [json.loads(s)["loss"] for s in open(tmp_path / "one/run/log.jsonl")]
     l2 = [json.loads(s)["loss"] for s in open(tmp_path / "two/log.jsonl")]
     assert l1 == pytest.approx(l2, abs=1e-5)
