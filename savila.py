@@ -671,6 +671,9 @@ if __name__ == "__main__":
                 raise ValueError("--train needs exactly one of --images DIR (App. B) and --synthetic")
             if not 0 < args.val_frac < 1:
                 raise ValueError(f"--val_frac must be in (0, 1), got {args.val_frac}")
+            for flag in ("attend", "renders", "rank"):
+                if getattr(args, flag) < 0:
+                    raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
             pool = judge_train_pool()
             if args.synthetic:
                 images, texts = synthetic_set(shapes.judge_train_prompts(args.n, args.seed), seed=args.seed)
@@ -686,7 +689,8 @@ if __name__ == "__main__":
             train_images, train_texts = images[~held], [t for t, h in zip(texts, held) if not h]
             if args.renders:
                 prompts = shapes.judge_train_prompts(args.renders, args.seed + 7)
-                train_images = np.concatenate([train_images, shapes.render_batch([p.spec for p in prompts], images.shape[1], args.seed + 7)])
+                renders = shapes.render_batch([p.spec for p in prompts], images.shape[1], args.seed + 7)
+                train_images = np.concatenate([train_images, renders])
                 train_texts = train_texts + [p.text for p in prompts]
             labels = pair_labels(train_images, captions)  # App. B: the checker labels every pair
             print(f"{len(train_images)} training images x {len(captions)} captions, {labels.mean():.2%} of the "
