@@ -75,7 +75,6 @@ class SavilaConfig:
     channels: int = 32  # CNN widths c, 2c, 2c, 4c, 4c
     width: int = 128  # the joint space where image and caption meet
     hidden: int = 64  # the answer head's hidden width
-    text_linear: bool = False  # the caption tower linear in its slots: unseen captions get sums of seen parts
     attend: int = 0  # caption-driven attention heads over the image grid, each reading where it looked (0: none)
 
 
@@ -158,6 +157,12 @@ def question(prompt):
 
 
 load_images_dir = shapes.load_images_dir  # a folder sample.py wrote -> uint8 images, prompt texts
+
+
+def load_images_dirs(dirs):
+    """Several folders sample.py wrote, one after another -> uint8 images, prompt texts."""
+    loaded = [load_images_dir(d) for d in dirs]
+    return np.concatenate([images for images, _ in loaded]), [t for _, texts in loaded for t in texts]
 
 
 def write_prompts(path, n, seed=0):
@@ -279,30 +284,6 @@ class NvilaJudge:
 # SaVILA-tiny: the laptop judge
 
 
-class WordEmbeddings:
-    """A text encoder's input word embeddings per token, no context: texts -> (states (B, L, D), mask (B, L)),
-    as model.TextEncoder returns them. "square" is the same vector in every caption, so a judge that reads the
-    token slots linearly answers an unseen caption with the sum of parts it has seen (contextual states let it
-    memorise whole captions: on the held-out position captions it then did worse than chance)."""
-
-    def __init__(self, encoder):
-        self.encoder, self.dim = encoder, encoder.dim
-
-    @torch.no_grad()
-    def __call__(self, texts):
-        e = self.encoder
-        tok = e.tokenizer([t.lower().strip() for t in texts], max_length=e.max_length, padding="max_length",
-                          truncation=True, return_tensors="pt").to(e.device)
-        return e.model.get_input_embeddings()(tok.input_ids).float(), tok.attention_mask.long()
-
-
-def caption_encoder(kind, device="cpu"):
-    """shapes.laptop_text_encoder(kind), or with kind "<kind>-words" its WordEmbeddings."""
-    if kind.endswith("-words"):
-        return WordEmbeddings(shapes.laptop_text_encoder(kind[:-len("-words")], device=device))
-    return shapes.laptop_text_encoder(kind, device=device)
-
-
 class SavilaNet(nn.Module):
     """One logit "yes" per (image, caption) pair. Two towers meet in a small head: head(image(x) * text(y)).
     - image: a 5-conv CNN (BatchNorm, GELU, two stride-2 steps) over RGB + x/y coordinate channels, so that
@@ -325,8 +306,7 @@ class SavilaNet(nn.Module):
                                    (nn.Conv2d(i, o, 3, s, 1, bias=False), nn.BatchNorm2d(o), nn.GELU())])
         self.image_mlp = nn.Sequential(nn.Linear(8 * c, w), nn.GELU(), nn.Linear(w, w))
         self.token_proj = nn.Linear(config.text_dim, 32)
-        self.text_mlp = (nn.Linear(32 * config.text_len, w) if config.text_linear else
-                         nn.Sequential(nn.Linear(32 * config.text_len, 2 * w), nn.GELU(), nn.Linear(2 * w, w)))
+        self.text_mlp = nn.Sequential(nn.Linear(32 * config.text_len, 2 * w), nn.GELU(), nn.Linear(2 * w, w))
         self.head = nn.Sequential(nn.Linear(w, config.hidden), nn.GELU(), nn.Linear(config.hidden, 1))
         k = config.attend
         if k:
@@ -429,7 +409,7 @@ class SavilaTiny:
     @property
     def captions(self):
         if self._captions is None:
-            self._captions = self._cache(caption_encoder(self.config.text_encoder))
+            self._captions = self._cache(shapes.laptop_text_encoder(self.config.text_encoder))
         return self._captions
 
     @torch.no_grad()
@@ -639,7 +619,7 @@ if __name__ == "__main__":
     parser.add_argument("--write_prompts", metavar="FILE", help="write --n judge-training prompts, one per line")
     parser.add_argument("--train", action="store_true", help="train SaVILA-tiny (needs --images or --synthetic)")
     parser.add_argument("--eval", action="store_true", help="accuracy of --ckpt against the checker on --images")
-    parser.add_argument("--images", metavar="DIR", help="PNGs + index.jsonl written by sample.py")
+    parser.add_argument("--images", metavar="DIR", nargs="+", help="folders of PNGs + index.jsonl written by sample.py")
     parser.add_argument("--synthetic", action="store_true",
                         help="SYNTHETIC quick start, not App. B: ground-truth renders, half the captions wrong")
     parser.add_argument("--n", type=int, default=4000, help="prompts to write / synthetic images")
@@ -650,7 +630,6 @@ if __name__ == "__main__":
     parser.add_argument("--hard", action="store_true", help="a loss share on relation-only near misses")
     parser.add_argument("--rank", type=float, default=0.0, help="weight of the listwise ranking loss")
     parser.add_argument("--partial", action="store_true", help="extra captions with one of two objects coloured")
-    parser.add_argument("--text_linear", action="store_true", help="SavilaConfig.text_linear")
     parser.add_argument("--attend", type=int, default=0, help="caption-driven attention heads (SavilaConfig.attend)")
     parser.add_argument("--renders", type=int, default=0,
                         help="with --images: also train on this many ground-truth renders of judge-training prompts")
@@ -678,10 +657,10 @@ if __name__ == "__main__":
             if args.synthetic:
                 images, texts = synthetic_set(shapes.judge_train_prompts(args.n, args.seed), seed=args.seed)
             else:
-                images, texts = load_images_dir(args.images)
+                images, texts = load_images_dirs(args.images)
                 leaked = set(texts) - {p.text for p in pool}
                 if leaked:
-                    raise ValueError(f"{args.images} holds images of {len(leaked)} prompt(s) outside the judge's "
+                    raise ValueError(f"{' '.join(args.images)} holds images of {len(leaked)} prompt(s) outside the judge's "
                                      f"prompts, e.g. {sorted(leaked)[0]!r}; App. B keeps evaluation prompts out: "
                                      "generate for `python savila.py --write_prompts FILE`")
             held = np.random.default_rng(args.seed).random(len(images)) < args.val_frac
@@ -695,16 +674,16 @@ if __name__ == "__main__":
             labels = pair_labels(train_images, captions)  # App. B: the checker labels every pair
             print(f"{len(train_images)} training images x {len(captions)} captions, {labels.mean():.2%} of the "
                   f"pairs labelled yes by the checker")
-            encoder = caption_encoder(args.text_encoder, device=args.device)
+            encoder = shapes.laptop_text_encoder(args.text_encoder, device=args.device)
             config = SavilaConfig(image_size=images.shape[1], text_encoder=args.text_encoder, text_dim=encoder.dim,
-                                  attend=args.attend, text_linear=args.text_linear)
+                                  attend=args.attend)
             t0 = time.perf_counter()
             near = near_pairs(train_texts, captions)
             judge, _ = train_judge(train_images, captions, labels, near, config, encoder, args.steps,
                                    args.batch_size, args.lr, seed=args.seed, device=args.device, rank=args.rank,
                                    hard=relation_pairs(labels, captions) if args.hard else None)
             print(f"trained in {time.perf_counter() - t0:.0f}s")
-            judge.save(args.out, source="synthetic" if args.synthetic else str(args.images), steps=args.steps)
+            judge.save(args.out, source="synthetic" if args.synthetic else " ".join(args.images), steps=args.steps)
             print(f"saved {args.out}")
             val_texts = [t for t, h in zip(texts, held) if h]
             print(format_report(judge_report(judge, images[held], val_texts, shapes.check_batch(images[held], val_texts)),
@@ -716,9 +695,9 @@ if __name__ == "__main__":
         elif args.eval:
             if not args.images:
                 raise ValueError("--eval needs --images DIR")
-            images, texts = load_images_dir(args.images)
+            images, texts = load_images_dirs(args.images)
             judge = SavilaTiny.load(args.ckpt, device=args.device)
-            print(format_report(judge_report(judge, images, texts, shapes.check_batch(images, texts)), str(args.images)))
+            print(format_report(judge_report(judge, images, texts, shapes.check_batch(images, texts)), " ".join(args.images)))
         else:
             parser.print_help()
     except ValueError as e:
