@@ -17,7 +17,8 @@ Every judge here is a callable judge(images, prompt) -> [(said_yes, confidence),
 
     python savila.py --write_prompts out/judge_prompts.txt --n 2000       # prompts for sample.py
     python sample.py --prompts out/judge_prompts.txt --num_samples 4 --out out/judge_images  # PNGs + index.jsonl
-    python savila.py --train --images out/judge_images --steps 2400      # App. B on the laptop
+    python savila.py --train --images out/judge_images --renders 8000 --hard --attend 2 --partial --steps 3000 \
+        --seed 1                                        # App. B on the laptop: the shipped judge's recipe
     python savila.py --train --synthetic --n 4000   # quick start before a DiT exists: renders + wrong captions
     python savila.py --eval --images DIR --ckpt out/savila_tiny.safetensors   # judge accuracy vs the checker
 
@@ -32,10 +33,12 @@ Deviations from the official code (tools/inference_scaling/nvila_sana_pick.py), 
 - Each image is judged once and its answer reused in every round (official asks again in every match, 2N
   judgments in all, as the paper's cost estimate counts); the answers are deterministic, so picks agree.
 - SaVILA-tiny has no 2M images: every training image is asked about every judge-training caption (the
-  checker labels each pair), and the near misses (captions of the image's own category) get a second share
-  of the loss. The captions include 720 outside the world's prompts (judge_extra_captions: two coloured
-  objects in a relation), never evaluation prompts. It trains from scratch at lr 1e-3 for ~20 epochs; App. B
-  fine-tunes a pre-trained NVILA-2B at lr 2e-5 for one epoch over 2M images.
+  checker labels each pair), the near misses (captions of the image's own category) get a second share of the
+  loss, and with --hard the captions that can only be wrong about the relation a third. The captions include
+  1008 outside the world's prompts (judge_extra_captions: one or two coloured objects in a relation), never
+  evaluation prompts. With --renders, ground-truth renders of judge-training prompts join the DiT's images
+  (App. B uses generated images only). It trains from scratch at lr 1e-3 for ~12 epochs; App. B fine-tunes a
+  pre-trained NVILA-2B at lr 2e-5 for one epoch over 2M images, a model that already reads "left of".
 """
 
 import argparse
@@ -526,13 +529,16 @@ def caption_weights(labels, pairs):
 
 
 def train_judge(images, captions, labels, near=None, config=None, encoder=None, steps=1200, batch_size=64,
-                lr=1e-3, warmup=0.03, seed=0, device="cpu", log_every=100, rank=0.0, hard=None):
+                lr=1e-3, warmup=0.03, seed=0, device="cpu", log_every=100, rank=0.0, hard=None, hard_weight=1.0):
     """Each step: batch_size images, each asked about every caption; labels (N, C) bool from pair_labels.
-    The loss has two equal shares, both BCE balanced per caption (caption_weights):
+    The loss has two equal shares (three with hard), each BCE balanced per caption (caption_weights):
     - all pairs, each of GenEval's six categories weighing the same (color_attr has most of the captions);
     - each image's near misses, near (N, C) bool (near_pairs: the captions of its prompt's category),
       averaged per image. Most captions are easy no's (another count, another category); without this share
-      the few hard no's drown.
+      the few hard no's drown;
+    - with hard (N, C) bool (relation_pairs), a third share times hard_weight: the captions that can only be wrong
+      about the relation, averaged over the images that have any (measured: averaged over all images instead,
+      the judges said yes to ~95% of relation-flipped captions on clean renders).
     Adam, linear warmup over `warmup` of the steps, then cosine to zero (App. B). Returns (judge, losses)."""
     labels = torch.as_tensor(np.asarray(labels, dtype=np.float32))  # (N, C) 1 = yes
     near = torch.ones_like(labels) if near is None else torch.as_tensor(np.asarray(near, dtype=np.float32))
@@ -572,7 +578,10 @@ def train_judge(images, captions, labels, near=None, config=None, encoder=None, 
                 + ((bce * torch.where(target > 0, *w_near) * nb).sum(1) / nb.sum(1).clamp(min=1)).mean())
         if hard is not None:  # a third share: captions that differ from the image only in the relation
             hb = hard[b].to(device)
-            loss = loss + ((bce * torch.where(target > 0, *w_hard) * hb).sum(1) / hb.sum(1).clamp(min=1)).mean()
+            rows = hb.sum(1) > 0  # the images that have such captions (few: the checker must find both objects)
+            if rows.any():
+                per_image = (bce * torch.where(target > 0, *w_hard) * hb).sum(1)[rows] / hb.sum(1)[rows]
+                loss = loss + hard_weight * per_image.mean()
         if rank:  # best-of-N's question: among one caption's near images, are its right ones on top?
             zr = z.float().masked_fill(nb == 0, -1e4)
             has = ((target * nb).sum(0) > 0) & (((1 - target) * nb).sum(0) > 0)  # (C,) a yes and a no to rank
@@ -627,7 +636,8 @@ if __name__ == "__main__":
     parser.add_argument("--ckpt", default="out/savila_tiny.safetensors", help="the judge --eval loads")
     parser.add_argument("--text_encoder", default="minilm", help="minilm | gemma-tiny (shapes.laptop_text_encoder)")
     parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--hard", action="store_true", help="a loss share on relation-only near misses")
+    parser.add_argument("--hard", type=float, nargs="?", const=1.0, default=0.0, metavar="W",
+                        help="a loss share on relation-only near misses, weight W (1 if given alone)")
     parser.add_argument("--rank", type=float, default=0.0, help="weight of the listwise ranking loss")
     parser.add_argument("--partial", action="store_true", help="extra captions with one of two objects coloured")
     parser.add_argument("--attend", type=int, default=0, help="caption-driven attention heads (SavilaConfig.attend)")
@@ -650,7 +660,7 @@ if __name__ == "__main__":
                 raise ValueError("--train needs exactly one of --images DIR (App. B) and --synthetic")
             if not 0 < args.val_frac < 1:
                 raise ValueError(f"--val_frac must be in (0, 1), got {args.val_frac}")
-            for flag in ("attend", "renders", "rank"):
+            for flag in ("attend", "renders", "rank", "hard"):
                 if getattr(args, flag) < 0:
                     raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
             pool = judge_train_pool()
@@ -681,7 +691,8 @@ if __name__ == "__main__":
             near = near_pairs(train_texts, captions)
             judge, _ = train_judge(train_images, captions, labels, near, config, encoder, args.steps,
                                    args.batch_size, args.lr, seed=args.seed, device=args.device, rank=args.rank,
-                                   hard=relation_pairs(labels, captions) if args.hard else None)
+                                   hard=relation_pairs(labels, captions) if args.hard else None,
+                                   hard_weight=args.hard)
             print(f"trained in {time.perf_counter() - t0:.0f}s")
             judge.save(args.out, source="synthetic" if args.synthetic else " ".join(args.images), steps=args.steps)
             print(f"saved {args.out}")

@@ -457,3 +457,24 @@ def test_attention_judge_trains_with_the_relation_share_and_the_ranking_loss(enc
                                    batch_size=32, lr=3e-3, log_every=0, rank=1.0, hard=hard)
     assert len(losses) == 150 and all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5])
+
+
+def test_relation_share_weight_zero_is_no_relation_share(encoder):
+    pool = shapes.all_prompts("position")
+    images = shapes.render_batch([p.spec for p in pool[:16]], rng=5)
+    captions = [p.text for p in pool]
+    labels = savila.pair_labels(images, captions)
+    hard = savila.relation_pairs(labels, captions)
+    config = savila.SavilaConfig(text_dim=encoder.dim, **TINY)
+    run = lambda **kw: savila.train_judge(images, captions, labels, config=config, encoder=encoder, steps=3,
+                                          batch_size=8, log_every=0, **kw)[1]
+    assert run(hard=hard, hard_weight=0.0) == run()
+    assert run(hard=hard, hard_weight=2.0)[0] > run(hard=hard, hard_weight=1.0)[0] > run()[0]
+
+
+@pytest.mark.parametrize("flag", ["--attend", "--renders", "--rank", "--hard"])
+def test_cli_negative_options_are_one_line_errors(tmp_path, flag):
+    r = subprocess.run([sys.executable, "savila.py", "--train", "--synthetic", flag, "-1"],
+                       capture_output=True, text=True, cwd=savila.__file__.rsplit("/", 1)[0])
+    assert r.returncode != 0
+    assert r.stderr.strip() == f"error: {flag} must be >= 0, got -1" + ("" if flag in ("--attend", "--renders") else ".0")
