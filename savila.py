@@ -614,6 +614,18 @@ def judge_report(judge, images, texts, labels):
     return report
 
 
+def flip_test(judge, prompts, n=50, seed=0):
+    """Does the judge read the relation? n renders of each position prompt, each asked with its caption and with
+    the relation flipped ("left of" <-> "right of", "above" <-> "below"): the fraction where the right caption gets
+    the higher logit. 0.5 is chance: a judge that only checks the objects. prompts: shapes.Prompt with a relation."""
+    prompts = [p for p in prompts if p.spec.relation]
+    flipped = lambda p: p.text.replace(f" {p.spec.relation} ", f" {shapes.CONVERSE[p.spec.relation]} ")
+    images = shapes.render_batch([p.spec for p in prompts for _ in range(n)], rng=seed)
+    right = judge.logits(images, [p.text for p in prompts for _ in range(n)])
+    wrong = judge.logits(images, [flipped(p) for p in prompts for _ in range(n)])
+    return float((right > wrong).float().mean())
+
+
 def format_report(report, name):
     cats = "  ".join(f"{c} {report[c]:.3f}" for c in shapes.CATEGORIES if c in report)
     return (f"{name}: accuracy {report['accuracy']:.3f}  balanced {report['balanced']:.3f}  (n={report['n']}, "
@@ -703,6 +715,9 @@ if __name__ == "__main__":
                                                 seed=args.seed + 1)
             print(format_report(judge_report(judge, ev_images, ev_texts, shapes.check_batch(ev_images, ev_texts)),
                                 "eval prompts: renders, half the captions wrong"))
+            own = [p for p in pool if p.category == "position"]
+            print(f"flip test on its own position prompts (renders, right vs relation-flipped caption; 0.5 = chance): "
+                  f"{flip_test(judge, own):.3f}")
         elif args.eval:
             if not args.images:
                 raise ValueError("--eval needs --images DIR")

@@ -478,3 +478,17 @@ def test_cli_negative_options_are_one_line_errors(tmp_path, flag):
                        capture_output=True, text=True, cwd=savila.__file__.rsplit("/", 1)[0])
     assert r.returncode != 0
     assert r.stderr.strip() == f"error: {flag} must be >= 0, got -1" + ("" if flag in ("--attend", "--renders") else ".0")
+
+
+def test_flip_test_scores_a_relation_reader_one_and_an_object_checker_zero():
+    class ObjectsOnly:  # the same logit whatever the relation word: every pair ties, and a tie is not a read
+        def logits(self, images, texts):
+            return torch.zeros(len(texts))
+
+    class Reader:  # the checker as a judge: it reads the relation, right caption yes, flipped no
+        def logits(self, images, texts):
+            return torch.tensor(shapes.check_batch(images, texts), dtype=torch.float32)
+
+    pos = shapes.all_prompts("position")[:4] + shapes.all_prompts("counting")[:2]  # non-relational ones are skipped
+    assert savila.flip_test(ObjectsOnly(), pos, n=5) == 0.0
+    assert savila.flip_test(Reader(), pos, n=5) == 1.0
