@@ -652,6 +652,7 @@ if __name__ == "__main__":
                         help="a loss share on relation-only near misses, weight W (1 if given alone)")
     parser.add_argument("--rank", type=float, default=0.0, help="weight of the listwise ranking loss")
     parser.add_argument("--partial", action="store_true", help="extra captions with one of two objects coloured")
+    parser.add_argument("--channels", type=int, default=SavilaConfig.channels, help="the CNN's first width (SavilaConfig)")
     parser.add_argument("--attend", type=int, default=0, help="caption-driven attention heads (SavilaConfig.attend)")
     parser.add_argument("--renders", type=int, default=0,
                         help="with --images: also train on this many ground-truth renders of judge-training prompts")
@@ -675,6 +676,8 @@ if __name__ == "__main__":
             for flag in ("attend", "renders", "rank", "hard"):
                 if getattr(args, flag) < 0:
                     raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+            if args.channels < 1:
+                raise ValueError(f"--channels must be >= 1, got {args.channels}")
             pool = judge_train_pool()
             if args.synthetic:
                 images, texts = synthetic_set(shapes.judge_train_prompts(args.n, args.seed), seed=args.seed)
@@ -698,7 +701,7 @@ if __name__ == "__main__":
                   f"pairs labelled yes by the checker")
             encoder = shapes.laptop_text_encoder(args.text_encoder, device=args.device)
             config = SavilaConfig(image_size=images.shape[1], text_encoder=args.text_encoder, text_dim=encoder.dim,
-                                  attend=args.attend)
+                                  attend=args.attend, channels=args.channels)
             t0 = time.perf_counter()
             near = near_pairs(train_texts, captions)
             judge, _ = train_judge(train_images, captions, labels, near, config, encoder, args.steps,

@@ -472,6 +472,12 @@ def test_relation_share_weight_zero_is_no_relation_share(encoder):
     assert run(hard=hard, hard_weight=2.0)[0] > run(hard=hard, hard_weight=1.0)[0] > run()[0]
 
 
+def test_cli_channels_below_one_is_a_one_line_error():
+    r = subprocess.run([sys.executable, "savila.py", "--train", "--synthetic", "--channels", "0"],
+                       capture_output=True, text=True, cwd=savila.__file__.rsplit("/", 1)[0])
+    assert r.returncode != 0 and r.stderr.strip() == "error: --channels must be >= 1, got 0"
+
+
 @pytest.mark.parametrize("flag", ["--attend", "--renders", "--rank", "--hard"])
 def test_cli_negative_options_are_one_line_errors(tmp_path, flag):
     r = subprocess.run([sys.executable, "savila.py", "--train", "--synthetic", flag, "-1"],
