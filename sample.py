@@ -158,13 +158,14 @@ def sample_images(model, encoder, decoder, prompts, n, args, device, dtype):
 # judges: SaVILA-tiny (laptop), any transformers VLM (real scale), or the checker itself (the ceiling)
 
 
-def load_judge(name, device):
-    """judge(images (N,3,H,W) in [-1,1], prompt) -> [(said_yes, confidence)]."""
+def load_judge(name, device, tta="mirror_shift"):
+    """judge(images (N,3,H,W) in [-1,1], prompt) -> [(said_yes, confidence)]. tta: SaVILA-tiny's test-time views
+    (savila.TTA; the mean logit over each image, its mirror and one-pixel shifts of both)."""
     if name == "checker":  # an oracle: what a perfect judge would pick (never the default)
         return lambda images, prompt: [(ok, 0.0) for ok in shapes.check_batch(images, [prompt] * len(images))]
     if name.endswith(".safetensors"):
         try:
-            return savila.SavilaTiny.load(name, device=device)
+            return savila.SavilaTiny.load(name, device=device, tta=tta)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
     vlm = savila.VLMJudge(resolve(name), device=device)
@@ -327,6 +328,8 @@ def main(argv=None):
     ap.add_argument("--best_of", type=int, default=1, help="candidates per kept image (N); the judge picks")
     ap.add_argument("--keep", type=int, default=1, help="images kept per N candidates (the tournament's K)")
     ap.add_argument("--judge", default=DEFAULT_JUDGE, help="SaVILA-tiny .safetensors, a VLM folder, or 'checker'")
+    ap.add_argument("--tta", choices=list(savila.TTA), default="mirror_shift",
+                    help="SaVILA-tiny's test-time views: none, the mirror, or mirror x one-pixel shifts (10 views)")
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default 20)")
     ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default 4.5)")
     ap.add_argument("--shift", type=float, default=None, help="flow shift (default: the checkpoint's training value, else 3.0)")
@@ -385,7 +388,7 @@ def main(argv=None):
     if args.size % (decoder[1] * c.patch_size):
         raise SystemExit(f"error: --size {args.size} must be a multiple of {decoder[1] * c.patch_size} "
                          f"(autoencoder factor {decoder[1]} x patch {c.patch_size})")
-    judge = load_judge(args.judge, device) if args.best_of > 1 else None
+    judge = load_judge(args.judge, device, args.tta) if args.best_of > 1 else None
     n_per = (shapes.IMAGES_PER_PROMPT if args.eval else args.num_samples)
     groups = [p for p in prompts for _ in range(n_per)]  # one group of N candidates per kept image
     if args.candidates and os.path.exists(args.candidates):

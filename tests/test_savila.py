@@ -302,6 +302,49 @@ def test_savila_tiny_save_load_round_trip(tmp_path, encoder, synthetic):
     assert {t.device.type for t in itertools.chain(on_meta.net.parameters(), on_meta.net.buffers())} == {"meta"}
 
 
+def test_tta_views_keep_the_checkers_answer():
+    assert savila.mirror_caption("a photo of a circle left of a square") == "a photo of a circle right of a square"
+    assert savila.mirror_caption("a photo of a red square right of a circle") == "a photo of a red square left of a circle"
+    assert savila.mirror_caption("a photo of a circle above a square") == "a photo of a circle above a square"
+    x = torch.zeros(1, 1, 5, 6)
+    x[0, 0, 1, 2] = 1
+    assert savila.view(x, True, 0, 0)[0, 0, 1, 3] == 1  # mirrored: column 2 -> 6 - 1 - 2
+    assert savila.view(x, False, 1, -1)[0, 0, 2, 1] == 1 and savila.view(x, False, 1, -1).sum() == 1  # down 1, left 1
+    # the premise of TTA: on renders, every view gets the checker's answer of the original (mirrored caption)
+    prompts = [p for c in ("position", "two_object", "counting", "color_attr") for p in shapes.all_prompts(c)[:12]]
+    images = shapes.render_batch([p.spec for p in prompts], rng=2)
+    texts = [p.text for p in prompts]
+    truth = shapes.check_batch(images, texts)
+    assert truth.all()
+    wrong = [texts[(i + 1) % len(texts)] for i in range(len(texts))]  # mostly wrong captions: "no" must survive too
+    x = savila.to_unit(images, 32)
+    for mirrored, dy, dx in savila.TTA["mirror_shift"]:
+        said = lambda ts: [savila.mirror_caption(t) for t in ts] if mirrored else ts
+        v = savila.view(x, mirrored, dy, dx)
+        assert (shapes.check_batch(v, said(texts)) == truth).all()
+        assert (shapes.check_batch(v, said(wrong)) == shapes.check_batch(images, wrong)).all()
+
+
+def test_tta_logit_is_the_mean_over_the_views(encoder, synthetic):
+    images, texts, _ = synthetic
+    images, texts = images[:6], ["a photo of a circle left of a square"] * 3 + texts[3:6]
+    torch.manual_seed(0)
+    plain = savila.SavilaTiny(savila.SavilaConfig(text_dim=encoder.dim, attend=2, **TINY), encoder)
+    judge = savila.SavilaTiny(plain.config, encoder, tta="mirror_shift")
+    judge.net.load_state_dict(plain.net.state_dict())
+    views = []
+    for mirrored in (False, True):  # built here with numpy: mirror, then edge-padded one-pixel shifts
+        a = images[:, :, ::-1] if mirrored else images
+        said = [savila.mirror_caption(t) for t in texts] if mirrored else texts
+        p = np.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+        for dy, dx in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)):
+            views.append(plain.logits(np.ascontiguousarray(p[:, 1 - dy:33 - dy, 1 - dx:33 - dx]), said))
+    torch.testing.assert_close(judge.logits(images, texts), torch.stack(views).mean(0), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(judge.logits(images, texts), plain.logits(images, texts))
+    with pytest.raises(ValueError, match="unknown tta"):
+        savila.SavilaTiny(plain.config, encoder, tta="flip")
+
+
 def test_savila_tiny_bad_inputs(tmp_path, encoder, synthetic):
     images, texts, labels = synthetic
     with pytest.raises(ValueError, match="no SaVILA-tiny checkpoint"):
@@ -444,6 +487,20 @@ def test_attention_judge_pairs_match_forward_and_heads_read_positions(encoder):
     assert torch.allclose(geo[0, 0, 4:6], expect[:2] - expect[2:], atol=1e-4)  # head 1 relative to head 2
 
 
+def test_zoomed_judge_sees_a_finer_grid_and_pairs_match_forward(encoder):
+    torch.manual_seed(0)
+    net = savila.SavilaNet(savila.SavilaConfig(text_dim=encoder.dim, attend=2, zoom=2, **TINY)).eval()
+    images, _ = savila.synthetic_set(shapes.judge_train_prompts(3, seed=2), seed=2)
+    x = savila.to_unit(images, 32)
+    y, mask = encoder([p.text for p in shapes.all_prompts("position")[:4]])
+    with torch.no_grad():
+        img = net.image(x)
+        assert img[1].shape[-1] == 16 * 16  # a 32x32 image enlarged twice: the CNN's grid is 16x16, not 8x8
+        every = net.pairs(img, net.text(y, mask))
+        for i in range(3):
+            torch.testing.assert_close(every[i], net(x[i:i + 1].expand(4, -1, -1, -1), y, mask), rtol=1e-5, atol=1e-5)
+
+
 def test_attention_judge_trains_with_the_relation_share_and_the_ranking_loss(encoder):
     pool = shapes.all_prompts("position")
     rng = np.random.default_rng(0)
@@ -475,7 +532,7 @@ def test_relation_share_weight_zero_is_no_relation_share(encoder):
 def test_cli_channels_below_one_is_a_one_line_error():
     r = subprocess.run([sys.executable, "savila.py", "--train", "--synthetic", "--channels", "0"],
                        capture_output=True, text=True, cwd=savila.__file__.rsplit("/", 1)[0])
-    assert r.returncode != 0 and r.stderr.strip() == "error: --channels must be >= 1, got 0"
+    assert r.returncode != 0 and r.stderr.strip() == "error: --channels and --zoom must be >= 1, got 0 and 1"
 
 
 @pytest.mark.parametrize("flag", ["--attend", "--renders", "--rank", "--hard"])
