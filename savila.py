@@ -650,6 +650,24 @@ def judge_report(judge, images, texts, labels):
     return report
 
 
+def ranking_auc(z, texts, labels):
+    """Best-of-N's question on a folder of images: for each prompt, how often does a right image (by the checker)
+    get a higher logit than a wrong one of the same prompt? Pairs pooled per category: {category: AUC}, and
+    "mean" over the categories that have both answers. z (N,) logits, texts (N,) prompts, labels (N,) bool."""
+    z, labels = np.asarray(z, dtype=np.float64), np.asarray(labels, dtype=bool)
+    groups = {}
+    for i, t in enumerate(texts):
+        groups.setdefault(t, []).append(i)
+    won, played = {}, {}
+    for t, idx in groups.items():
+        c = shapes.as_prompt(t).category
+        right, wrong = z[idx][labels[idx]], z[idx][~labels[idx]]
+        won[c] = won.get(c, 0) + (right[:, None] > wrong[None]).sum()
+        played[c] = played.get(c, 0) + len(right) * len(wrong)
+    out = {c: won[c] / played[c] for c in shapes.CATEGORIES if played.get(c)}
+    return {**out, "mean": float(np.mean(list(out.values()))) if out else float("nan")}
+
+
 def flip_test(judge, prompts, n=50, seed=0):
     """Does the judge read the relation? n renders of each position prompt, each asked with its caption and with
     the relation flipped ("left of" <-> "right of", "above" <-> "below"): the fraction where the right caption gets
@@ -764,7 +782,11 @@ if __name__ == "__main__":
                 raise ValueError("--eval needs --images DIR")
             images, texts = load_images_dirs(args.images)
             judge = SavilaTiny.load(args.ckpt, device=args.device, tta=args.tta)
-            print(format_report(judge_report(judge, images, texts, shapes.check_batch(images, texts)), " ".join(args.images)))
+            labels = shapes.check_batch(images, texts)
+            print(format_report(judge_report(judge, images, texts, labels), " ".join(args.images)))
+            auc = ranking_auc(judge.logits(images, texts), texts, labels)
+            print(f"ranking AUC within each prompt's images: mean {auc.pop('mean'):.3f}  "
+                  + "  ".join(f"{c} {v:.3f}" for c, v in auc.items()))
         else:
             parser.print_help()
     except ValueError as e:

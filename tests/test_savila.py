@@ -302,6 +302,19 @@ def test_savila_tiny_save_load_round_trip(tmp_path, encoder, synthetic):
     assert {t.device.type for t in itertools.chain(on_meta.net.parameters(), on_meta.net.buffers())} == {"meta"}
 
 
+def test_ranking_auc_counts_right_over_wrong_pairs_within_each_prompt():
+    a, b = "a photo of a circle", "a photo of a square"  # single_object
+    c = "a photo of two circles"  # counting
+    texts = [a, a, a, b, b, c, c]
+    z = [3.0, 1.0, 2.0, 0.0, 5.0, 1.0, 1.0]
+    labels = [True, False, False, True, False, True, True]
+    got = savila.ranking_auc(z, texts, labels)
+    # a: the right image beats both wrong ones (2 of 2); b: it loses (0 of 1); pooled: 2 of 3. c: no wrong image
+    assert got == {"single_object": 2 / 3, "mean": 2 / 3}
+    # pairs are only formed within a prompt: a high logit on another prompt's wrong image does not count
+    assert savila.ranking_auc([1.0, 0.0, 9.0, 8.0], [a, a, b, b], [True, False, True, False])["mean"] == 1.0
+
+
 def test_tta_views_keep_the_checkers_answer():
     assert savila.mirror_caption("a photo of a circle left of a square") == "a photo of a circle right of a square"
     assert savila.mirror_caption("a photo of a red square right of a circle") == "a photo of a red square left of a circle"
