@@ -396,8 +396,8 @@ def mirror_caption(text):
 
 
 def view(x, mirrored, dy, dx):
-    """One test-time view of x (N, 3, H, W): mirrored left-right, then shifted by (dy, dx) pixels, the border
-    pixels repeated into the gap (background, unless an object touches the border)."""
+    """One test-time view of x (N, 3, H, W): mirrored left-right, then shifted by (dy, dx) pixels (each -1, 0 or
+    1), the border pixels repeated into the gap (background, unless an object touches the border)."""
     x = x.flip(-1) if mirrored else x
     if not (dy or dx):
         return x
@@ -421,9 +421,9 @@ class SavilaTiny:
     so the tournament's rule ranks candidates exactly by z. images: float (N, 3, H, W) in [-1, 1] or uint8
     (N, H, W, 3); prompts: one text for all images or one per image. encoder: a model.TextEncoder or
     shapes.CaptionCache; None builds config.text_encoder with shapes.laptop_text_encoder on first use.
-    tta: test-time augmentation, z = the mean logit over the views in TTA[tta]: each image and its mirror (with
-    "left of" and "right of" swapped in the caption), each also shifted by one pixel four ways. The shapes
-    checker's answer is the same for every view. Measured (session 13, the shipped judge re-judging the saved
+    tta: test-time augmentation, z = the mean logit over the views in TTA[tta]: "mirror" adds each image's mirror
+    (with "left of" and "right of" swapped in the caption), "mirror_shift" also shifts both by one pixel four ways.
+    The shapes checker's answer is the same for every view. Measured (session 13, the shipped judge re-judging the saved
     candidates): best of 32 0.819 (none), 0.858 (mirror_shift); README, "Inference-time scaling"."""
 
     def __init__(self, config=None, encoder=None, device="cpu", tta="none"):
