@@ -11,6 +11,7 @@ The model predicts the velocity v = noise - x0 of the straight path x_sigma = (1
 - The schedule: sigma uniform in [0.999, 0] then shifted by the flow shift (SANA: 3.0 at 1024px), as the
   official "time_uniform_flow" grid.
 - Best-of-N (Sec. 2.5): N candidates per prompt, a judge answers yes/no for each, savila.tournament keeps K.
+  SaVILA-tiny judges each candidate over 10 test-time views (mirror x one-pixel shifts; --tta none: once).
   Candidate j of prompt i starts from noise seeded by (seed, i, j), so the first N of 32 candidates are the
   N-candidate run: the inference-scaling curve reuses one set of samples.
 
