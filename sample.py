@@ -11,7 +11,8 @@ The model predicts the velocity v = noise - x0 of the straight path x_sigma = (1
 - The schedule: sigma uniform in [0.999, 0] then shifted by the flow shift (SANA: 3.0 at 1024px), as the
   official "time_uniform_flow" grid.
 - Best-of-N (Sec. 2.5): N candidates per prompt, a judge answers yes/no for each, savila.tournament keeps K.
-  SaVILA-tiny judges each candidate over 10 test-time views (mirror x one-pixel shifts; --tta none: once).
+  SaVILA-tiny judges each candidate over test-time views: mirror x one-pixel shifts (10), each also asked with a
+  relation caption put the other way round ("A left of B" -> "B right of A"; 20 for those); --tta none: once.
   Candidate j of prompt i starts from noise seeded by (seed, i, j), so the first N of 32 candidates are the
   N-candidate run: the inference-scaling curve reuses one set of samples.
 
@@ -40,7 +41,8 @@ from model import GEMMA_CHI, DCAEDecoder, LinearDiT, TextEncoder, local_path, sh
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CKPT = os.path.join(ROOT, "weights", "shapes.safetensors")  # the shipped laptop model
-DEFAULT_JUDGE = os.path.join(ROOT, "weights", "savila_tiny.safetensors")  # its shipped SaVILA-tiny judge
+DEFAULT_JUDGE = ",".join(os.path.join(ROOT, "weights", f) for f in  # its shipped SaVILA-tiny judges, an ensemble
+                         ("savila_tiny.safetensors", "savila_tiny_zoom.safetensors"))
 DEMO_PROMPTS = ["a photo of a red circle", "a photo of three squares", "a photo of a triangle left of a circle",
                 "a photo of a blue square and a yellow circle", "a photo of a green triangle",
                 "a photo of a white circle and a black square"]
@@ -159,14 +161,15 @@ def sample_images(model, encoder, decoder, prompts, n, args, device, dtype):
 # judges: SaVILA-tiny (laptop), any transformers VLM (real scale), or the checker itself (the ceiling)
 
 
-def load_judge(name, device, tta="mirror_shift"):
+def load_judge(name, device, tta="converse"):
     """judge(images (N,3,H,W) in [-1,1], prompt) -> [(said_yes, confidence)]. tta: SaVILA-tiny's test-time views
-    (savila.TTA; the mean logit over each image, its mirror and one-pixel shifts of both)."""
+    (savila.TTA; the mean logit over each image, its mirror and one-pixel shifts of both, each with the caption
+    and its converse)."""
     if name == "checker":  # an oracle: what a perfect judge would pick (never the default)
         return lambda images, prompt: [(ok, 0.0) for ok in shapes.check_batch(images, [prompt] * len(images))]
-    if name.endswith(".safetensors"):
+    if all(p.endswith(".safetensors") for p in name.split(",")):
         try:
-            return savila.SavilaTiny.load(name, device=device, tta=tta)
+            return savila.load(name, device=device, tta=tta)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
     vlm = savila.VLMJudge(resolve(name), device=device)
@@ -328,9 +331,11 @@ def main(argv=None):
     ap.add_argument("--num_samples", type=int, default=1, help="images kept per prompt")
     ap.add_argument("--best_of", type=int, default=1, help="candidates per kept image (N); the judge picks")
     ap.add_argument("--keep", type=int, default=1, help="images kept per N candidates (the tournament's K)")
-    ap.add_argument("--judge", default=DEFAULT_JUDGE, help="SaVILA-tiny .safetensors, a VLM folder, or 'checker'")
-    ap.add_argument("--tta", choices=list(savila.TTA), default="mirror_shift",
-                    help="SaVILA-tiny's test-time views: none, the mirror, or mirror x one-pixel shifts (10 views)")
+    ap.add_argument("--judge", default=DEFAULT_JUDGE,
+                    help="SaVILA-tiny .safetensors (several joined by commas: their ensemble), a VLM folder, or 'checker'")
+    ap.add_argument("--tta", choices=list(savila.TTA), default="converse",
+                    help="SaVILA-tiny's test-time views: none, the mirror, mirror x one-pixel shifts (10 views), "
+                         "or those with each relation caption also put the other way round (converse)")
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default 20)")
     ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default 4.5)")
     ap.add_argument("--shift", type=float, default=None, help="flow shift (default: the checkpoint's training value, else 3.0)")

@@ -300,6 +300,15 @@ def test_savila_tiny_save_load_round_trip(tmp_path, encoder, synthetic):
     # "meta" stands in for a GPU on this CPU-only machine
     on_meta = savila.SavilaTiny.load(path, encoder, device="meta")
     assert {t.device.type for t in itertools.chain(on_meta.net.parameters(), on_meta.net.buffers())} == {"meta"}
+    # several checkpoints joined by commas: an ensemble, its logit the mean of the members'
+    other = savila.SavilaTiny(savila.SavilaConfig(text_dim=encoder.dim, zoom=2, **TINY), encoder)
+    other.save(tmp_path / "zoom.safetensors")
+    both = savila.load(f"{path},{tmp_path / 'zoom.safetensors'}", encoder)
+    assert isinstance(both, savila.Ensemble) and both.judges[1].config.zoom == 2
+    z = (judge.logits(images, texts) + other.logits(images, texts)) / 2
+    torch.testing.assert_close(both.logits(images, texts), z)
+    assert both(images, texts) == [(bool(v > 0), float(F.logsigmoid(v if v > 0 else -v))) for v in z]
+    assert isinstance(savila.load(path, encoder), savila.SavilaTiny)
 
 
 def test_ranking_auc_counts_right_over_wrong_pairs_within_each_prompt():
@@ -319,6 +328,10 @@ def test_tta_views_keep_the_checkers_answer():
     assert savila.mirror_caption("a photo of a circle left of a square") == "a photo of a circle right of a square"
     assert savila.mirror_caption("a photo of a red square right of a circle") == "a photo of a red square left of a circle"
     assert savila.mirror_caption("a photo of a circle above a square") == "a photo of a circle above a square"
+    assert savila.converse_caption("a photo of a red circle left of a square") == "a photo of a square right of a red circle"
+    assert savila.converse_caption("a photo of an orange triangle above a blue square") == \
+        "a photo of a blue square below an orange triangle"
+    assert savila.converse_caption("a photo of two circles") == "a photo of two circles"
     x = torch.zeros(1, 1, 5, 6)
     x[0, 0, 1, 2] = 1
     assert savila.view(x, True, 0, 0)[0, 0, 1, 3] == 1  # mirrored: column 2 -> 6 - 1 - 2
@@ -331,8 +344,9 @@ def test_tta_views_keep_the_checkers_answer():
     assert truth.all()
     wrong = [texts[(i + 1) % len(texts)] for i in range(len(texts))]  # mostly wrong captions: "no" must survive too
     x = savila.to_unit(images, 32)
-    for mirrored, dy, dx in savila.TTA["mirror_shift"]:
-        said = lambda ts: [savila.mirror_caption(t) for t in ts] if mirrored else ts
+    for mirrored, dy, dx, conv in savila.TTA["converse"]:
+        said = lambda ts: [(savila.converse_caption if conv else str)(savila.mirror_caption(t) if mirrored else t)
+                           for t in ts]
         v = savila.view(x, mirrored, dy, dx)
         assert (shapes.check_batch(v, said(texts)) == truth).all()
         assert (shapes.check_batch(v, said(wrong)) == shapes.check_batch(images, wrong)).all()
@@ -354,6 +368,13 @@ def test_tta_logit_is_the_mean_over_the_views(encoder, synthetic):
             views.append(plain.logits(np.ascontiguousarray(p[:, 1 - dy:33 - dy, 1 - dx:33 - dx]), said))
     torch.testing.assert_close(judge.logits(images, texts), torch.stack(views).mean(0), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(judge.logits(images, texts), plain.logits(images, texts))
+    # "converse": the ten views again with each caption put the other way round (relation captions only)
+    conv = [savila.converse_caption(t) for t in texts]
+    assert conv[:3] == ["a photo of a square right of a circle"] * 3
+    both = savila.SavilaTiny(plain.config, encoder, tta="converse")
+    both.net.load_state_dict(plain.net.state_dict())
+    torch.testing.assert_close(both.logits(images, texts), (judge.logits(images, texts) + judge.logits(images, conv)) / 2,
+                               rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="unknown tta"):
         savila.SavilaTiny(plain.config, encoder, tta="flip")
 
@@ -424,6 +445,12 @@ def test_write_prompts_holds_no_eval_prompt_of_the_split_categories(tmp_path):
     assert lines == [p.text for p in shapes.judge_train_prompts(60, seed=3)]
     held = {p.text for p in shapes.load_eval_prompts() if p.category in shapes.SPLIT_CATEGORIES}
     assert len(lines) == 60 and not held & set(lines)
+    # only some categories: the same draws, the others skipped
+    some = savila.write_prompts(path, 40, seed=3, categories=["position", "counting"])
+    assert some == [p.text for p in shapes.judge_train_prompts(120, seed=3) if p.category in ("position", "counting")][:40]
+    assert {shapes.as_prompt(t).category for t in some} == {"position", "counting"} and not held & set(some)
+    with pytest.raises(ValueError, match="unknown categories"):
+        savila.write_prompts(path, 4, categories=["positions"])
 
 
 def test_cli_bad_input_is_one_line_error(tmp_path):
@@ -529,6 +556,27 @@ def test_attention_judge_trains_with_the_relation_share_and_the_ranking_loss(enc
     assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5])
 
 
+def test_shift_augmentation_and_fine_tuning_from_a_judge(encoder, synthetic):
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
+    moved = savila.shifted(x, 1, torch.Generator().manual_seed(0))
+    for a, b in zip(x, moved):  # each image is one of its nine one-pixel views (the border repeated)
+        assert any(torch.equal(savila.view(a[None], False, dy, dx)[0], b) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+    assert torch.equal(savila.shifted(x, 0, torch.Generator()), x)
+    images, _, _ = synthetic
+    captions = [p.text for p in savila.judge_train_pool() if p.category in ("single_object", "position")]
+    labels = savila.pair_labels(images, captions)
+    config = savila.SavilaConfig(text_dim=encoder.dim, attend=2, **TINY)
+    run = lambda **kw: savila.train_judge(images, captions, labels, config=config, encoder=encoder, steps=3,
+                                          batch_size=8, log_every=0, **kw)
+    start, _ = run(shift=1)
+    # lr 0 from a judge: its weights unchanged (fine-tuning starts exactly where it stopped)
+    same, _ = run(init=start.net.state_dict(), lr=0.0)
+    for (k, a), b in zip(start.net.named_parameters(), same.net.parameters()):
+        assert torch.equal(a, b), k
+    fresh, _ = run(lr=0.0)
+    assert not torch.equal(fresh.net.head[0].weight, start.net.head[0].weight)
+
+
 def test_relation_share_weight_zero_is_no_relation_share(encoder):
     pool = shapes.all_prompts("position")
     images = shapes.render_batch([p.spec for p in pool[:16]], rng=5)
@@ -548,12 +596,12 @@ def test_cli_channels_below_one_is_a_one_line_error():
     assert r.returncode != 0 and r.stderr.strip() == "error: --channels and --zoom must be >= 1, got 0 and 1"
 
 
-@pytest.mark.parametrize("flag", ["--attend", "--renders", "--rank", "--hard"])
+@pytest.mark.parametrize("flag", ["--attend", "--renders", "--rank", "--hard", "--shift"])
 def test_cli_negative_options_are_one_line_errors(tmp_path, flag):
     r = subprocess.run([sys.executable, "savila.py", "--train", "--synthetic", flag, "-1"],
                        capture_output=True, text=True, cwd=savila.__file__.rsplit("/", 1)[0])
     assert r.returncode != 0
-    assert r.stderr.strip() == f"error: {flag} must be >= 0, got -1" + ("" if flag in ("--attend", "--renders") else ".0")
+    assert r.stderr.strip() == f"error: {flag} must be >= 0, got -1" + ("" if flag in ("--attend", "--renders", "--shift") else ".0")
 
 
 def test_flip_test_scores_a_relation_reader_one_and_an_object_checker_zero():
