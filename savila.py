@@ -810,6 +810,7 @@ if __name__ == "__main__":
             zoom = 1 if args.zoom is None else args.zoom
             if args.channels < 1 or zoom < 1:
                 raise ValueError(f"--channels and --zoom must be >= 1, got {args.channels} and {zoom}")
+            start = SavilaTiny.load(args.init_from) if args.init_from else None  # a bad path fails before any work
             pool = judge_train_pool()
             if args.synthetic:
                 images, texts = synthetic_set(shapes.judge_train_prompts(args.n, args.seed), seed=args.seed)
@@ -833,8 +834,7 @@ if __name__ == "__main__":
                   f"pairs labelled yes by the checker")
             encoder = shapes.laptop_text_encoder(args.text_encoder, device=args.device)
             init = None
-            if args.init_from:  # the architecture is the checkpoint's; only the input zoom may change
-                start = SavilaTiny.load(args.init_from)
+            if start:  # the architecture is the checkpoint's; only the input zoom may change
                 config = replace(start.config, zoom=args.zoom or start.config.zoom)
                 if (config.image_size, config.text_encoder) != (images.shape[1], args.text_encoder):
                     raise ValueError(f"{args.init_from} judges {config.image_size}px images with "
