@@ -117,7 +117,7 @@ def test_the_laptop_preset_trains_on_latents_and_evaluates_decoded_images(tmp_pa
 def test_the_command_writes_a_loadable_file(tmp_path):
     out = tmp_path / "ae.safetensors"
     scores = autoencoder.main(["--out", str(out), "--steps", "3", "--calib_images", "8", "--batch_size", "4",
-                               "--latent_channels", "8"])
+                               "--latent_channels", "8", "--decoder_steps", "2"])
     assert DCAEEncoder.from_pretrained(str(out)).config.latent_channels == 8
     assert 0.0 <= scores["checker"]["overall"] <= 1.0 and scores["checker_ground_truth"]["overall"] > 0.99
     with safe_open(str(out), "pt") as f:
@@ -127,7 +127,45 @@ def test_the_command_writes_a_loadable_file(tmp_path):
     assert os.path.exists(tmp_path / "ae_reconstructions.png")
 
 
+def test_decoder_fine_tuning_keeps_the_encoder_and_learns_noisy_latents():
+    """Stage 3: the encoder is untouched; the decoder's L1 on noisy latents of held-out renders falls."""
+    torch.manual_seed(0)
+    enc, dec = small_ae()
+    data = shapes.ShapesData(32, 1)
+    train_autoencoder(enc, dec, data, steps=30, batch_size=8, lr=3e-3, log_every=100)
+    enc_before = {k: v.clone() for k, v in enc.state_dict().items()}
+    x = data.get_batch(10_000, 16)["x"]
+    noise = torch.randn_like(enc(x)) * 0.6
+
+    def noisy_l1():
+        with torch.no_grad():
+            z = enc(x) * enc.scaling_factor
+            return torch.nn.functional.l1_loss(dec((z + noise) / enc.scaling_factor), x).item()
+
+    before = noisy_l1()
+    losses = autoencoder.finetune_decoder(enc, dec, data, steps=40, noise=0.6, batch_size=8, lr=3e-3, log_every=20)
+    assert [s for s, _ in losses] == [20, 40]
+    assert all(torch.equal(v, enc.state_dict()[k]) for k, v in enc_before.items())
+    assert noisy_l1() < before
+
+
+def test_from_fine_tunes_the_decoder_of_a_file_and_keeps_its_encoder(tmp_path):
+    src, out = tmp_path / "ae.safetensors", tmp_path / "ae_ft.safetensors"
+    autoencoder.main(["--out", str(src), "--steps", "2", "--calib_images", "8", "--batch_size", "4",
+                      "--decoder_steps", "0"])
+    autoencoder.main(["--from", str(src), "--out", str(out), "--batch_size", "4", "--decoder_steps", "3"])
+    a, b = (DCAEEncoder.from_pretrained(str(p)) for p in (src, out))
+    assert a.config == b.config and all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    da, db = (DCAEDecoder.from_pretrained(str(p)) for p in (src, out))
+    assert any(not torch.equal(v, db.state_dict()[k]) for k, v in da.state_dict().items())
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert "--decoder_steps 0" in meta["first_command"] and "--from" in meta["command"]
+
+
 @pytest.mark.parametrize("argv, message", [(["--steps", "0"], "must be >= 1"),
+                                           (["--decoder_steps", "-1"], "must be >= 0"),
+                                           (["--from", "missing.safetensors"], "--from missing.safetensors"),
                                            (["--image_size", "30"], "multiple of"),
                                            (["--out", "ae.pt"], ".safetensors"),
                                            (["--out", "ae.safetensors", "--latent_channels", "5"], "must divide"),
