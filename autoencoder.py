@@ -219,7 +219,7 @@ def main(argv=None):
             raise SystemExit(f"error: --from {args.init}: {e}") from None
         with safe_open(local_path(args.init), "pt") as f:
             meta = {k: json.loads(v) for k, v in f.metadata().items() if k not in ("format", "config")}
-        run = {"steps": meta.get("steps", 0), "wall_seconds": 0.0}
+        run = {"steps": 0, "wall_seconds": 0.0}  # stages 1-2 were run before
         mean = meta.get("latent_mean", 0.0)
         print(f"{args.init}: fine-tuning its decoder only", flush=True)
     else:
@@ -231,6 +231,7 @@ def main(argv=None):
                                 args.batch_size, args.lr)
         scale, mean = latent_scale(enc, shapes.ShapesData(args.image_size, args.seed + 2), args.calib_images)
         enc.config = dec.config = dataclasses.replace(config, scaling_factor=scale)
+    t3 = time.time()
     if args.decoder_steps:
         finetune_decoder(enc, dec, shapes.ShapesData(args.image_size, args.seed + 3), args.decoder_steps,
                          args.decoder_noise, args.batch_size)
@@ -247,7 +248,8 @@ def main(argv=None):
     grid = torch.stack([x[idx], rec[idx]], dim=1).flatten(0, 1)  # render, reconstruction, render, ...
     png = os.path.splitext(args.out)[0] + "_reconstructions.png"
     shapes.save_grid(grid, [t for i in idx for t in ("render: " + texts[i], "decoded: " + texts[i])], png)
-    print(f"{run['steps']} steps in {run['wall_seconds']:.0f} s: reconstruction mse {scores['mse']:.5f}; checker on "
+    print(f"{run['steps']} steps in {run['wall_seconds']:.0f} s, decoder {args.decoder_steps} steps in "
+          f"{time.time() - t3:.0f} s: reconstruction mse {scores['mse']:.5f}; checker on "
           f"reconstructions {scores['checker']['overall']:.3f} (renders {scores['checker_ground_truth']['overall']:.3f}); "
           f"scaling factor {scale:.4f}\nwrote {args.out} and {png}")
     return scores
