@@ -217,8 +217,10 @@ def main(argv=None):
             enc, dec = DCAEEncoder.from_pretrained(local_path(args.init)), DCAEDecoder.from_pretrained(local_path(args.init))
         except (ValueError, FileNotFoundError, OSError) as e:
             raise SystemExit(f"error: --from {args.init}: {e}") from None
-        with safe_open(local_path(args.init), "pt") as f:
-            meta = {k: json.loads(v) for k, v in f.metadata().items() if k not in ("format", "config")}
+        meta = {}  # our files carry how they were made; a diffusers folder does not
+        if os.path.isfile(local_path(args.init)):
+            with safe_open(local_path(args.init), "pt") as f:
+                meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items() if k not in ("format", "config")}
         run = {"steps": 0, "wall_seconds": 0.0}  # stages 1-2 were run before
         mean = meta.get("latent_mean", 0.0)
         print(f"{args.init}: fine-tuning its decoder only", flush=True)
@@ -235,6 +237,7 @@ def main(argv=None):
     if args.decoder_steps:
         finetune_decoder(enc, dec, shapes.ShapesData(args.image_size, args.seed + 3), args.decoder_steps,
                          args.decoder_noise, args.batch_size)
+    decoder_seconds = time.time() - t3
     scale = enc.scaling_factor
     scores, x, rec = evaluate_autoencoder(enc, dec, shapes.load_eval_prompts(), shapes.IMAGES_PER_PROMPT,
                                           args.image_size, args.seed)
@@ -249,7 +252,7 @@ def main(argv=None):
     png = os.path.splitext(args.out)[0] + "_reconstructions.png"
     shapes.save_grid(grid, [t for i in idx for t in ("render: " + texts[i], "decoded: " + texts[i])], png)
     print(f"{run['steps']} steps in {run['wall_seconds']:.0f} s, decoder {args.decoder_steps} steps in "
-          f"{time.time() - t3:.0f} s: reconstruction mse {scores['mse']:.5f}; checker on "
+          f"{decoder_seconds:.0f} s: reconstruction mse {scores['mse']:.5f}; checker on "
           f"reconstructions {scores['checker']['overall']:.3f} (renders {scores['checker_ground_truth']['overall']:.3f}); "
           f"scaling factor {scale:.4f}\nwrote {args.out} and {png}")
     return scores
