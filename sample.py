@@ -277,12 +277,18 @@ def evaluate_curve(images, prompts, n, judge, out):
     rows, N = [], 1
     while N <= n:
         sub = torch.cat([images[g * n:g * n + N] for g in range(len(groups))])  # the first N of each group
-        row = {"N": N}
-        for name, j in (("judge", judge), ("checker", oracle)):
+        row, said = {"N": N}, []
+
+        def recorded(group, prompt):  # the judge, its yes/no kept for the agreement with the checker below
+            answers = judge(group, prompt)
+            said.extend(bool(yes) for yes, _ in answers)
+            return answers
+        for name, j in (("judge", recorded), ("checker", oracle)):
             t0 = time.perf_counter()
             kept, _ = best_of(sub, texts, N, 1, j)
             row[f"{name}_seconds"] = time.perf_counter() - t0  # judging N candidates per group, tournament included
             row[name] = shapes.evaluate(kept, groups)
+        row["agreement"] = agreement(said, shapes.check_batch(sub, [t for t in texts for _ in range(N)]))
         rows.append(row)
         print(f"N={N:3d}  judge {row['judge']['overall']:.3f}  checker-picked (ceiling) {row['checker']['overall']:.3f}",
               flush=True)
@@ -290,6 +296,9 @@ def evaluate_curve(images, prompts, n, judge, out):
     last = rows[-1]
     print(f"judging {len(groups) * last['N']} candidates (best of {last['N']}): {last['judge_seconds']:.1f}s, "
           f"{len(groups) * last['N'] / last['judge_seconds']:.0f} images/s")
+    a = last["agreement"]
+    print(f"the judge's yes/no against the checker's on those candidates: accuracy {a['accuracy']:.3f}, balanced "
+          f"{a['balanced']:.3f} (judge yes {a['judge_yes']:.2f}, checker yes {a['checker_yes']:.2f})")
     with open(os.path.join(out, "scaling.json"), "w") as f:
         json.dump(rows, f, indent=1)
     plot_curve(rows, os.path.join(out, "scaling.png"))
@@ -297,6 +306,15 @@ def evaluate_curve(images, prompts, n, judge, out):
     print(shapes.format_table(rows[-1]["judge"], name=f"best of {rows[-1]['N']} (judge)", header=False))
     print(shapes.format_table(rows[-1]["checker"], name=f"best of {rows[-1]['N']} (checker)", header=False))
     return rows
+
+
+def agreement(said, truth):
+    """A judge's yes/no against the checker's on the same images: accuracy, balanced accuracy (the mean of the
+    recall on the checker's yes and on its no) and both yes rates."""
+    said, truth = np.array(said, bool), np.array(truth, bool)
+    recalls = [(said[truth == t] == t).mean() for t in (True, False) if (truth == t).any()]
+    return {"accuracy": float((said == truth).mean()), "balanced": float(np.mean(recalls)),
+            "judge_yes": float(said.mean()), "checker_yes": float(truth.mean())}
 
 
 def plot_curve(rows, path):

@@ -899,6 +899,7 @@ if __name__ == "__main__":
     parser.add_argument("--validate", action="store_true", help="checker figures on ground truth + render time")
     parser.add_argument("--prompts_of", metavar="CATEGORY", help="print every prompt of one category, one per line")
     parser.add_argument("--binding", metavar="DIR", help="binding_report of a folder sample.py wrote")
+    parser.add_argument("--score", metavar="DIR", help="the checker's score of a folder sample.py wrote")
     args = parser.parse_args()
     if args.prompts_of:
         try:
@@ -911,6 +912,14 @@ if __name__ == "__main__":
             print(format_binding(binding_report(images, texts)))
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
+    elif args.score:  # e.g. the images of prompts outside the eval set: a validation score
+        try:
+            images, texts = load_images_dir(args.score)
+            result = evaluate(images, texts)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        print(format_table(result, name=Path(args.score).name))
+        print(f"{len(texts)} images, overall {result['overall']:.3f}")
     elif args.write_eval:
         print(f"wrote {len(make_eval_prompts())} prompts to {write_eval_prompts()}")
     elif args.validate:

@@ -185,6 +185,7 @@ def test_curve_saves_candidates_and_rejudges_them(tmp_path, capsys):
     curves = [json.load(open(tmp_path / d / "scaling.json")) for d in "ab"]
     assert [r["N"] for r in curves[0]] == [1, 2]
     assert [(r["judge"], r["checker"]) for r in curves[0]] == [(r["judge"], r["checker"]) for r in curves[1]]
+    assert all(r["agreement"]["accuracy"] == 1.0 for r in curves[0])  # the checker as judge agrees with itself
     (tmp_path / "junk.pt").write_text("not a tensor file")
     junk = [a if a != cands else str(tmp_path / "junk.pt") for a in common]
     with pytest.raises(SystemExit, match="not a candidates file"):
@@ -194,3 +195,10 @@ def test_curve_saves_candidates_and_rejudges_them(tmp_path, capsys):
         with pytest.raises(SystemExit, match=pattern) as e:
             sample.main(argv + ["--out", str(tmp_path / "x")])
         assert "\n" not in str(e.value)
+
+
+def test_agreement_counts_by_hand():
+    """4 images the checker passes, 2 it fails; the judge says yes to 3 of the 4 and to 1 of the 2."""
+    a = sample.agreement([1, 1, 1, 0, 1, 0], [1, 1, 1, 1, 0, 0])
+    assert a["accuracy"] == pytest.approx(4 / 6) and a["balanced"] == pytest.approx((3 / 4 + 1 / 2) / 2)
+    assert a["judge_yes"] == pytest.approx(4 / 6) and a["checker_yes"] == pytest.approx(4 / 6)

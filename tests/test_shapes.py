@@ -319,3 +319,21 @@ def test_binding_report_tells_bound_from_swapped():
                for a, b in (p.spec.objects for p in ca)]
     assert shapes.binding_report(shapes.render_batch(swapped, rng=rng), ca)["color_attr"] == {"swapped": 24}
     assert "asked 'left of', drawn (6)" in shapes.format_binding(report)
+
+
+def test_cli_score_of_a_folder(tmp_path):
+    """--score DIR: renders of their own prompts pass (1.000); each one's caption moved to another image fails some."""
+    from PIL import Image
+    prompts = [shapes.all_prompts(c)[0] for c in shapes.CATEGORIES]
+    images = shapes.render_batch([p.spec for p in prompts], rng=np.random.default_rng(0))
+    for name, texts in (("right", [p.text for p in prompts]), ("moved", [p.text for p in prompts[1:] + prompts[:1]])):
+        (tmp_path / name).mkdir()
+        with open(tmp_path / name / "index.jsonl", "w") as f:
+            for i, (im, t) in enumerate(zip(images, texts)):
+                Image.fromarray(im).save(tmp_path / name / f"{i:05d}.png")
+                f.write(json.dumps({"file": f"{i:05d}.png", "prompt": t}) + "\n")
+    run = [subprocess.run([sys.executable, shapes.__file__, "--score", str(tmp_path / n)], capture_output=True, text=True)
+           for n in ("right", "moved", "missing")]
+    assert "6 images, overall 1.000" in run[0].stdout
+    assert "overall" in run[1].stdout and "overall 1.000" not in run[1].stdout
+    assert run[2].returncode != 0 and run[2].stderr.strip().count("\n") == 0 and "does not exist" in run[2].stderr
