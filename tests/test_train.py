@@ -210,3 +210,14 @@ def test_dry_run_allocates_nothing(capsys):
     assert "4.7" in out and "came8bit" in out
     (_, came8, _), (_, came32, _), (_, adamw, _) = rows
     assert came8 < came32 < adamw
+
+
+def test_every_config_file_parses():
+    """Each preset in config/ reads with only known keys; the 10-minute one is the shipped recipe scaled."""
+    configs = sorted(p for p in os.listdir(os.path.join(ROOT, "config")) if p.endswith(".py"))
+    assert {"shapes.py", "shapes_10min.py", "sana1.6b_finetune.py", "sana1.5_4.8b_grow.py"} <= set(configs)
+    for name in configs:
+        parse_config([os.path.join(ROOT, "config", name)])
+    ten = parse_config([os.path.join(ROOT, "config", "shapes_10min.py")])
+    assert ten.preset == "shapes-c4" and ten.curriculum_steps < ten.max_steps - ten.decay_steps
+    assert "color_attr=1" in ten.curriculum_weights
