@@ -30,7 +30,10 @@ def tiny(cmd, tmp):
     elif script == "sample.py":
         args += ["--steps", "2", "--out", f"{tmp}/samples", "--no_progress"]
     elif script == "autoencoder.py":  # never overwrite the shipped weights/shapes_ae.safetensors
-        args += ["--out", f"{tmp}/ae.safetensors", "--steps", "2", "--batch_size", "4", "--calib_images", "8"]
+        # the stage-2 file the README restores from git history: the shipped file has the same layout
+        args = [("weights/shapes_ae_c4.safetensors" if a == "out/ae_stage2.safetensors" else a) for a in args]
+        args += ["--out", f"{tmp}/ae.safetensors", "--steps", "2", "--batch_size", "4", "--calib_images", "8",
+                 "--decoder_steps", "2"]
     elif script == "shapes.py":
         args += ["--out", f"{tmp}/grid.png"]
     return [sys.executable, *args]
