@@ -399,6 +399,10 @@ def _distributed_worker(rank, world_size, init_file):
         opt.step()
     for p, q in zip(ref.parameters(), ddp.module.parameters()):
         torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-6)
+    # teardown: drop the gloo users, then wait for both ranks before destroying the group (without it a rank
+    # could exit while gloo still ran: SIGABRT "terminate called without an active exception", twice in CI)
+    del ddp, sharded, opt
+    dist.barrier()
     dist.destroy_process_group()
 
 
