@@ -31,7 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -277,18 +276,13 @@ def evaluate_curve(images, prompts, n, judge, out):
     rows, N = [], 1
     while N <= n:
         sub = torch.cat([images[g * n:g * n + N] for g in range(len(groups))])  # the first N of each group
-        row, said = {"N": N}, []
-
-        def recorded(group, prompt):  # the judge, its yes/no kept for the agreement with the checker below
-            answers = judge(group, prompt)
-            said.extend(bool(yes) for yes, _ in answers)
-            return answers
-        for name, j in (("judge", recorded), ("checker", oracle)):
+        row, said = {"N": N}, {}
+        for name, j in (("judge", judge), ("checker", oracle)):
             t0 = time.perf_counter()
-            kept, _ = best_of(sub, texts, N, 1, j)
+            kept, _ = best_of(sub, texts, N, 1, recording(j, said.setdefault(name, [])))
             row[f"{name}_seconds"] = time.perf_counter() - t0  # judging N candidates per group, tournament included
             row[name] = shapes.evaluate(kept, groups)
-        row["agreement"] = agreement(said, shapes.check_batch(sub, [t for t in texts for _ in range(N)]))
+        row["agreement"] = savila.agreement(said["judge"], said["checker"], [t for t in texts for _ in range(N)])
         rows.append(row)
         print(f"N={N:3d}  judge {row['judge']['overall']:.3f}  checker-picked (ceiling) {row['checker']['overall']:.3f}",
               flush=True)
@@ -308,13 +302,13 @@ def evaluate_curve(images, prompts, n, judge, out):
     return rows
 
 
-def agreement(said, truth):
-    """A judge's yes/no against the checker's on the same images: accuracy, balanced accuracy (the mean of the
-    recall on the checker's yes and on its no) and both yes rates."""
-    said, truth = np.array(said, bool), np.array(truth, bool)
-    recalls = [(said[truth == t] == t).mean() for t in (True, False) if (truth == t).any()]
-    return {"accuracy": float((said == truth).mean()), "balanced": float(np.mean(recalls)),
-            "judge_yes": float(said.mean()), "checker_yes": float(truth.mean())}
+def recording(judge, said):
+    """The same judge, its yes/no answers appended to said (the curve's judge / checker agreement)."""
+    def call(images, prompt):
+        answers = judge(images, prompt)
+        said.extend(bool(yes) for yes, _ in answers)
+        return answers
+    return call
 
 
 def plot_curve(rows, path):

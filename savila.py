@@ -707,17 +707,21 @@ def train_judge(images, captions, labels, near=None, config=None, encoder=None, 
     return judge, torch.stack(losses).tolist()
 
 
-def judge_report(judge, images, texts, labels):
-    """How often the judge agrees with the checker's labels: overall, balanced (mean of the per-class
+def agreement(said, labels, texts):
+    """How often a judge's yes/no agrees with the checker's labels: overall, balanced (mean of the per-class
     accuracies), per category, and the judge's and the checker's yes-rates."""
-    said = np.array([a for a, _ in judge(images, texts)])
-    labels = np.asarray(labels, dtype=bool)
+    said, labels = np.asarray(said, dtype=bool), np.asarray(labels, dtype=bool)
     cats = np.array([shapes.as_prompt(t).category for t in texts])
     per_class = [float((said[labels == v] == v).mean()) for v in (True, False) if (labels == v).any()]
     report = {"n": len(labels), "accuracy": float((said == labels).mean()), "balanced": float(np.mean(per_class)),
               "judge_yes": float(said.mean()), "checker_yes": float(labels.mean())}
     report.update({c: float((said == labels)[cats == c].mean()) for c in shapes.CATEGORIES if (cats == c).any()})
     return report
+
+
+def judge_report(judge, images, texts, labels):
+    """The judge's answers on images, scored against the checker's labels (agreement)."""
+    return agreement([a for a, _ in judge(images, texts)], labels, texts)
 
 
 def ranking_auc(z, texts, labels):

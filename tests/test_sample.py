@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import sample
+import savila
+import shapes
 from model import PRESETS, DiTConfig, LinearDiT, TextEncoder, save_model
 from sample import flow_sigmas, generate, guided_velocity
 
@@ -199,6 +201,6 @@ def test_curve_saves_candidates_and_rejudges_them(tmp_path, capsys):
 
 def test_agreement_counts_by_hand():
     """4 images the checker passes, 2 it fails; the judge says yes to 3 of the 4 and to 1 of the 2."""
-    a = sample.agreement([1, 1, 1, 0, 1, 0], [1, 1, 1, 1, 0, 0])
+    a = savila.agreement([1, 1, 1, 0, 1, 0], [1, 1, 1, 1, 0, 0], [shapes.all_prompts("colors")[0].text] * 6)
     assert a["accuracy"] == pytest.approx(4 / 6) and a["balanced"] == pytest.approx((3 / 4 + 1 / 2) / 2)
     assert a["judge_yes"] == pytest.approx(4 / 6) and a["checker_yes"] == pytest.approx(4 / 6)
