@@ -4,13 +4,13 @@ The laptop's latent space: a tiny DC-AE for the shapes world, trained in a few C
 SANA denoises in the latent space of DC-AE (f32c32: a 1024px image becomes 32x32x32; SANA Sec. 2.1). A 32x32
 shapes image would leave one latent pixel at f32, so the laptop uses the same architecture (model.DCAEEncoder /
 DCAEDecoder) at f4: three stages of ResBlocks, widths 16/32/64, 32x32x3 -> 8x8x4 (model.DCAE_PRESETS["shapes-c4"]).
-Both choices were measured, not assumed: experiments/latent_vs_pixel.py, at equal CPU time, latent 0.118 vs pixel
-0.028; and 4 latent channels against 16, the same DiT for 2000 steps, 0.32 vs 0.22 (README, "The shapes world").
+Four latent channels, not 16: the DiT learns the smaller latent faster although its autoencoder reconstructs a
+little worse (ABLATIONS.md, "Latent channels").
 
-    python autoencoder.py                     # 8x8x4 latents -> weights/shapes_ae_c4.safetensors (~6-8 min + 15 min stage 3)
-    python autoencoder.py --preset shapes     # 8x8x16 (sessions 1-5's) -> weights/shapes_ae.safetensors
+    python autoencoder.py                     # 8x8x4 latents -> out/shapes_ae_c4.safetensors (~6-8 min + 15 min stage 3)
+    python autoencoder.py --preset shapes     # 8x8x16 latents -> out/shapes_ae.safetensors
     python autoencoder.py --out /tmp/ae.safetensors --steps 20 --decoder_steps 20  # seconds
-    python autoencoder.py --from weights/shapes_ae_c4.safetensors   # stage 3 only, on a trained autoencoder
+    python autoencoder.py --from out/ae_stage2.safetensors    # stage 3 only, on a trained autoencoder
 
 1. train:  MSE reconstruction of ground-truth renders (a stream of its own, seed + 1), Adam, cosine decay.
 2. scale:  scaling_factor = 1 / std of the latents over renders it was not trained on (seed + 2), so the DiT
@@ -18,13 +18,9 @@ Both choices were measured, not assumed: experiments/latent_vs_pixel.py, at equa
 3. decoder: the encoder (and the scale) frozen, the decoder alone fine-tuned to draw the renders from *noisy* latents,
            with an L1 loss (finetune_decoder). Not in SANA, whose DC-AE is given: a DiT's latents are never exactly
            an encoder's, and a decoder that has only seen clean ones draws their small errors as rounded corners,
-           which the checker calls circles (box fill < 0.92; 40% of the wrong DiT images on judge-training prompts
-           would pass at a line of 0.84). Measured with the shipped DiT (README, "The shapes world"): N = 1 on 2000
-           judge-training prompts, seeds 5 / 6: as trained 0.621 / -, noise 0.6 for 1500 steps 0.652 / -, for 6000
-           steps 0.682 / 0.681, noise 0.8 for 15000 steps (the default, shipped) 0.713 / 0.704; on the eval prompts
-           0.62 / 0.63 -> 0.70 / 0.70 (seeds 0 / 1). Long enough, it costs clean reconstructions nothing (checker
-           0.977 -> 0.983; at 1500 steps 0.933: small squares came out rounder). The DiT only ever sees the encoder,
-           so a trained DiT keeps working with the new decoder.
+           which the checker calls circles (box fill < 0.92). With the shipped DiT it lifts N = 1 on the eval
+           prompts from 0.62 to 0.70 (ABLATIONS.md, "The decoder stage"). The DiT only ever sees the encoder, so a
+           trained DiT keeps working with the new decoder.
 4. check:  reconstruction MSE and the shapes checker on reconstructions of the eval set's ground-truth renders
            (4 per prompt), with the decoder as shipped.
 The file holds both halves under AutoencoderDC's key prefixes (encoder.*, decoder.*) with the config in the
@@ -49,9 +45,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 import shapes
-from model import DCAE_PRESETS, DCAEDecoder, DCAEEncoder, atomic_save_file, local_path
+from model import DCAE_PRESETS, DCAEDecoder, DCAEEncoder, local_path, n_params, save_safetensors
 
-DEFAULT_OUT = {"shapes-c4": "weights/shapes_ae_c4.safetensors", "shapes": "weights/shapes_ae.safetensors"}
+DEFAULT_OUT = {"shapes-c4": "out/shapes_ae_c4.safetensors", "shapes": "out/shapes_ae.safetensors"}  # never weights/
 
 # -----------------------------------------------------------------------------
 # latents for the DiT
@@ -81,18 +77,16 @@ class LatentData:
 # training, scaling, checking
 
 
-def train_autoencoder(enc, dec, data, steps=0, batch_size=32, lr=1e-3, seconds=0.0, log_every=100):
-    """MSE on renders with Adam; `steps` with cosine decay to lr/10, or (steps=0) constant lr until `seconds` of
-    CPU time (experiments/latent_vs_pixel.py's budget). -> {"steps", "cpu_seconds", "wall_seconds", "losses"}."""
-    if steps <= 0 and seconds <= 0:
-        raise ValueError("give steps > 0 or seconds > 0")
+def train_autoencoder(enc, dec, data, steps, batch_size=32, lr=1e-3, log_every=100):
+    """MSE on renders with Adam, cosine decay to lr/10. -> {"steps", "wall_seconds", "losses"}."""
+    if steps <= 0:
+        raise ValueError(f"steps must be > 0, got {steps}")
     opt = torch.optim.Adam(list(enc.parameters()) + list(dec.parameters()), lr=lr)
-    losses, step, cpu0, wall0 = [], 0, time.process_time(), time.time()
+    losses, step, wall0 = [], 0, time.time()
     enc.train()
     dec.train()
-    while (step < steps) if steps > 0 else (step == 0 or time.process_time() - cpu0 < seconds):
-        if steps > 0:
-            opt.param_groups[0]["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+    while step < steps:
+        opt.param_groups[0]["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
         x = data.get_batch(step, batch_size)["x"]  # (B, 3, H, W) in [-1, 1]
         loss = F.mse_loss(dec(enc(x)), x)
         loss.backward()
@@ -104,8 +98,7 @@ def train_autoencoder(enc, dec, data, steps=0, batch_size=32, lr=1e-3, seconds=0
             print(f"autoencoder step {step}: mse {losses[-1][1]:.5f} ({time.time() - wall0:.0f} s)", flush=True)
     enc.eval()
     dec.eval()
-    return {"steps": step, "cpu_seconds": time.process_time() - cpu0, "wall_seconds": time.time() - wall0,
-            "losses": losses}
+    return {"steps": step, "wall_seconds": time.time() - wall0, "losses": losses}
 
 
 def finetune_decoder(enc, dec, data, steps, noise=0.8, batch_size=32, lr=5e-4, log_every=100):
@@ -143,16 +136,11 @@ def latent_scale(enc, data, n, batch_size=256):
     return 1.0 / z.float().std().item(), z.float().mean().item()
 
 
-def to_unit(u8):
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], as ShapesData feeds the models."""
-    return torch.from_numpy(shapes.TO_UNIT[u8].transpose(0, 3, 1, 2).copy())
-
-
 @torch.no_grad()
 def evaluate_autoencoder(enc, dec, prompts, images_per_prompt, size, seed, batch_size=256):
     """MSE and the checker on reconstructions of the prompts' ground-truth renders -> (scores, renders, recons)."""
     groups = [p for p in prompts for _ in range(images_per_prompt)]
-    x = to_unit(shapes.render_batch([p.spec for p in groups], size, np.random.default_rng(seed)))  # (N, 3, H, W)
+    x = shapes.to_unit(shapes.render_batch([p.spec for p in groups], size, np.random.default_rng(seed)))  # (N, 3, H, W)
     rec = torch.cat([dec(enc(x[i:i + batch_size])) for i in range(0, len(x), batch_size)]).clamp(-1, 1)
     return {"mse": F.mse_loss(rec, x).item(), "checker": shapes.evaluate(rec, groups),
             "checker_ground_truth": shapes.evaluate(x, groups)}, x, rec
@@ -164,8 +152,7 @@ def save_autoencoder(enc, dec, path, **meta):
         raise ValueError("encoder and decoder configs differ; save them with their own save_pretrained")
     tensors = {**{"encoder." + k: v for k, v in enc.state_dict().items()},
                **{"decoder." + k: v for k, v in dec.state_dict().items()}}
-    atomic_save_file(tensors, path, {"format": "nanosana-dcae", "config": json.dumps(dataclasses.asdict(enc.config)),
-                                     **{k: json.dumps(v) for k, v in meta.items()}})
+    save_safetensors(tensors, path, "nanosana-dcae", enc.config, **meta)
 
 
 # -----------------------------------------------------------------------------
@@ -174,20 +161,21 @@ def save_autoencoder(enc, dec, path, **meta):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="", help="the .safetensors to write (both halves); default: the preset's file "
-                    "in weights/")
-    ap.add_argument("--preset", default="shapes-c4", choices=[k for k in DCAE_PRESETS if k != "dc-ae-f32c32"])
+    ap.add_argument("--out", default="", help="the .safetensors to write (both halves); default: "
+                    "out/<preset's name>.safetensors")
+    ap.add_argument("--preset", default="shapes-c4", choices=[k for k in DCAE_PRESETS if k != "dc-ae-f32c32"],
+                    help="model.DCAE_PRESETS architecture: shapes-c4 (8x8x4 latents, shipped) or shapes (8x8x16)")
     ap.add_argument("--latent_channels", type=int, default=0, help="0: the preset's (shapes 16, shapes-c4 4)")
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--batch_size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--image_size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=1500, help="stage 1 steps")
+    ap.add_argument("--batch_size", type=int, default=32, help="renders per step")
+    ap.add_argument("--lr", type=float, default=2e-3, help="stage 1 Adam lr (cosine decay)")
+    ap.add_argument("--image_size", type=int, default=32, help="render side in pixels")
     ap.add_argument("--calib_images", type=int, default=1024, help="renders that set the scaling factor")
     ap.add_argument("--decoder_steps", type=int, default=15000, help="stage 3, the decoder on noisy latents (0: skip)")
     ap.add_argument("--decoder_noise", type=float, default=0.8, help="stage 3's largest latent noise std")
     ap.add_argument("--from", dest="init", default="", help="an autoencoder file: skip stages 1-2, fine-tune its "
                     "decoder (stage 3) and check it")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="renders, initial weights")
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
     args = ap.parse_args(argv)
     if min(args.steps, args.batch_size, args.calib_images, args.image_size) < 1 or args.lr <= 0:
@@ -221,13 +209,14 @@ def main(argv=None):
         meta = {}  # our files carry how they were made; a diffusers folder does not
         if os.path.isfile(local_path(args.init)):
             with safe_open(local_path(args.init), "pt") as f:
-                meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items() if k not in ("format", "config")}
+                meta = {k: json.loads(v) if v.startswith('"') else v  # strings written as JSON or as is
+                        for k, v in (f.metadata() or {}).items() if k not in ("format", "config")}
         run = {"steps": 0, "wall_seconds": 0.0}  # stages 1-2 were run before
-        mean = meta.get("latent_mean", 0.0)
+        mean = float(meta.get("latent_mean", 0.0))
         print(f"{args.init}: fine-tuning its decoder only", flush=True)
     else:
         enc, dec = DCAEEncoder(config), DCAEDecoder(config)
-        params = sum(p.numel() for m in (enc, dec) for p in m.parameters())
+        params = n_params(enc) + n_params(dec)
         print(f"tiny DC-AE '{args.preset}': f{factor}, widths {config.widths}, {config.latent_channels} latent "
               f"channels, {params / 1e6:.2f}M parameters; {args.steps} steps of batch {args.batch_size}", flush=True)
         run = train_autoencoder(enc, dec, shapes.ShapesData(args.image_size, args.seed + 1), args.steps,

@@ -22,8 +22,8 @@ Non-matrix tensors keep a full second moment v (U = g / sqrt(v)) and step with m
 
 Speed, not in the paper: matrices of one shape (the same layer in every block) are updated as one (k, r, c)
 stack, and the small tensors all at once with torch._foreach_*, so the per-operation overhead is paid per
-shape, not per tensor; three work buffers are reused from step to step. On the laptop model's CPU step this
-took CAME-8bit from 2.4x to ~1.5x the time of torch.optim.AdamW (bench/came8bit_bench.py, README).
+shape, not per tensor; three work buffers are reused from step to step. `python bench/came8bit_bench.py`
+times the laptop model's step against torch.optim.AdamW side by side (~1.5x on a 2-core CPU).
 
 Deviations from the official `CAME8BitWrapper` (NVlabs/Sana diffusion/utils/optimizer.py):
 - A block is 2048 consecutive values of the flattened tensor, as Eq. 1 says; the official code splits the
@@ -41,7 +41,8 @@ Deviations from the official `CAME8BitWrapper` (NVlabs/Sana diffusion/utils/opti
   instability R by (1 - b3^t), as Adam does for its moments. Without it, R starts near 0 and warms up over
   ~1/(1 - b3) = 10^4 steps, so early steps are up to 1/sqrt(1 - b3^t) larger than lr says: 10x at step 100,
   2.2x at step 2000. Short laptop runs at a laptop learning rate sit on a loss plateau for their first few
-  hundred steps because of it (NOTES.md); long real-scale runs with 2000 warm-up steps barely notice. A
+  hundred steps because of it (ABLATIONS.md, "CAME's start-up plateau"); long real-scale runs with 2000
+  warm-up steps barely notice. A
   per-group step count (in param_groups, so it is saved and resumed) gives t.
 - FSDP2 (`fully_shard`): each rank updates its own shard (`p.to_local()`, rows split along dim 0). Row
   statistics are local; the column sums, the mean of the row statistics and the clipping RMS are summed over

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from model import GEMMA_CHI, DCAEEncoder, TextEncoder, atomic_save_file
+from model import DCAEEncoder, atomic_save_file, load_text_encoder, resolve
 
 CACHE = ".nanosana_cache"
 SHARD = 256  # items per cache file
@@ -61,9 +61,8 @@ def build_cache(folder, vae, text_encoder, size=1024, max_length=300, device="cp
     pairs = list_pairs(folder)
     out = os.path.join(folder, CACHE)
     os.makedirs(out, exist_ok=True)
-    enc = DCAEEncoder.from_pretrained(vae).to(device).eval()
-    chi = GEMMA_CHI if "gemma" in text_encoder.lower() else None
-    text = TextEncoder(text_encoder, max_length=max_length, chi_prompt=chi, device=device)
+    enc = DCAEEncoder.from_pretrained(resolve(vae)).to(device).eval()
+    text = load_text_encoder(text_encoder, max_length, device)  # Gemma-2 with SANA's instruction prefix
     for s in range(0, len(pairs), SHARD):
         path = os.path.join(out, f"shard_{s // SHARD:05d}.safetensors")
         if os.path.exists(path):
@@ -131,11 +130,11 @@ class FolderData:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Encode a folder of name.jpg + name.txt pairs for train.py --data")
-    ap.add_argument("--folder", required=True)
+    ap.add_argument("--folder", required=True, help="the images and their .txt captions; the cache goes inside")
     ap.add_argument("--vae", required=True, help="a DC-AE folder (diffusers AutoencoderDC) or our .safetensors")
     ap.add_argument("--text_encoder", required=True, help="a transformers folder (Gemma-2-2B-IT at real scale)")
-    ap.add_argument("--size", type=int, default=1024)
-    ap.add_argument("--max_length", type=int, default=300)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--size", type=int, default=1024, help="image side in pixels (resize to cover, center crop)")
+    ap.add_argument("--max_length", type=int, default=300, help="caption tokens (SANA: 300)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
     a = ap.parse_args()
     print(build_cache(a.folder, a.vae, a.text_encoder, a.size, a.max_length, a.device))

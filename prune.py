@@ -17,8 +17,8 @@ time and averages over both. Per token (rather than one cosine of the flattened 
 image position equally instead of letting high-norm tokens dominate.
 
 Calibration inputs. The paper averages over "diffusion time-steps" and "100 diverse prompts"; how it builds
-the noisy inputs is not said. We use the sampler's own timestep grid (uniform in [0.999, 0), then the flow
-shift, as sample.py) and one fixed noise per prompt, and two ways to get x_t:
+the noisy inputs is not said. We use the sampler's own timestep grid (flow.sigma_grid: uniform in [0.999, 0),
+then the flow shift) and one fixed noise per prompt, and two ways to get x_t:
 - with clean data (the shapes world): x_t = (1 - sigma) x0 + sigma noise at every sigma of the grid;
 - with text only (real checkpoints): the model's own Euler trajectory from that noise, without guidance:
   each measured forward also gives the velocity for the next step, so it costs the same one forward per
@@ -39,7 +39,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import GEMMA_CHI, LinearDiT, TextEncoder, add_noise, local_path, save_model, shift_sigma, vae_factor
+from flow import add_noise, make_noise, sigma_grid, step, timestep
+from model import (LinearDiT, load_text_encoder, local_path, n_params, save_model, use_bf16,
+                   vae_factor)
 from train import TrainConfig, load_or_exit, parse_config
 
 # -----------------------------------------------------------------------------
@@ -72,8 +74,8 @@ class PruneConfig:
 
 
 def calibration_sigmas(n, shift):
-    """The sampler's grid without its final 0: n sigmas from 0.999 down, flow-shifted (as sample.flow_sigmas)."""
-    return shift_sigma(torch.linspace(0.999, 0.0, n + 1, dtype=torch.float64), shift)[:-1].tolist()
+    """The sampler's grid without its final 0: n sigmas from 0.999 down, flow-shifted."""
+    return sigma_grid(n, shift)[:-1].tolist()
 
 
 @torch.no_grad()
@@ -111,11 +113,10 @@ def block_importance(model, batches, sigmas, autocast=None):
                 sigma = torch.full((B,), s, device=device)
                 if x0 is not None:
                     x = add_noise(x0, noise.float(), sigma)  # x_t on the straight path, as in training
-                t = 1000.0 * sigma
                 with autocast or nullcontext():
-                    v = model(x, t, y, mask)  # (B, C, H, W); the hooks record every block
+                    v = model(x, timestep(sigma), y, mask)  # (B, C, H, W); the hooks record every block
                 if x0 is None and k + 1 < len(sigmas):
-                    x = x + (sigmas[k + 1] - s) * v.float()  # one Euler step to the next sigma
+                    x, _ = step("euler", x, v.float(), s, sigmas[k + 1])  # along the model's own trajectory
                 count += B
     finally:
         for h in handles:
@@ -178,12 +179,6 @@ def prune(model, keep, importance=None):
 # calibration sets
 
 
-def make_noise(n, model_cfg, size, seed):
-    """One fixed noise per calibration sample (n, C, h, w); size in latent pixels."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, model_cfg.in_channels, size, size, generator=g)
-
-
 def shapes_calibration(n, image_size, encoder, model_cfg, batch_size=25, seed=0):
     """n prompts with their clean images from the shapes training stream (a seed unlike training's, not the
     eval file): list of {"x", "y", "mask", "noise", "prompts"} batches."""
@@ -193,7 +188,8 @@ def shapes_calibration(n, image_size, encoder, model_cfg, batch_size=25, seed=0)
     if model_cfg.vae:  # the laptop's latent space: x = DC-AE latents
         from autoencoder import LatentData
         data = LatentData(data, model_cfg.vae)
-    noise = make_noise(n, model_cfg, image_size // vae_factor(model_cfg.vae), seed)
+    side = image_size // vae_factor(model_cfg.vae)
+    noise = make_noise((n, model_cfg.in_channels, side, side), seed)  # one fixed noise per calibration sample
     sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)]
     batches = [data.get_batch(k, b) for k, b in enumerate(sizes)]
     for b, chunk in zip(batches, noise.split(sizes)):
@@ -204,22 +200,12 @@ def shapes_calibration(n, image_size, encoder, model_cfg, batch_size=25, seed=0)
 def text_calibration(prompts, encoder, model_cfg, latent_size, batch_size=25, seed=0):
     """Text-only calibration (real checkpoints): {"y", "mask", "noise", "prompts"} batches; x_t from the
     model's own trajectory in block_importance."""
-    noise = make_noise(len(prompts), model_cfg, latent_size, seed)
+    noise = make_noise((len(prompts), model_cfg.in_channels, latent_size, latent_size), seed)
     batches = []
     for i in range(0, len(prompts), batch_size):
         y, mask = encoder(prompts[i:i + batch_size])
         batches.append({"y": y, "mask": mask, "noise": noise[i:i + batch_size], "prompts": prompts[i:i + batch_size]})
     return batches
-
-
-def calibration_encoder(cfg, model_cfg, device):
-    """The text states the model was trained on: the laptop encoders, or Gemma-2 with its instruction (CHI)."""
-    name = cfg.text_encoder or model_cfg.text_encoder
-    if name in ("minilm", "gemma-tiny"):
-        from shapes import laptop_text_encoder
-        return laptop_text_encoder(name, model_cfg.text_max_length, device=device)
-    chi = GEMMA_CHI if "gemma-2" in model_cfg.text_encoder.lower() else None  # the official Gemma-2 recipe
-    return TextEncoder(name, max_length=model_cfg.text_max_length, chi_prompt=chi, device=device)
 
 
 # -----------------------------------------------------------------------------
@@ -256,10 +242,6 @@ def save_bar_png(importance, kept, path, title):
     os.replace(tmp, path)
 
 
-def n_params(model):
-    return sum(p.numel() for p in model.parameters())
-
-
 # -----------------------------------------------------------------------------
 # the script
 
@@ -288,7 +270,7 @@ def finetune(cfg, tc, init_path, run_dir):
     from train import train
 
     ft = dataclasses.replace(tc, init_from=init_path, grow_from="", resume=False, depth=0, out_dir=run_dir,
-                             max_steps=cfg.finetune_steps, max_minutes=0.0, save_every=cfg.finetune_steps,
+                             max_steps=cfg.finetune_steps, save_every=cfg.finetune_steps,
                              eval_every=0, ema_decay=0.0, lr=cfg.finetune_lr or tc.lr,
                              decay_steps=cfg.finetune_steps if tc.decay_steps else 0,  # the source's cool-down, shortened
                              warmup_steps=cfg.finetune_warmup, data=cfg.data or tc.data,
@@ -323,11 +305,12 @@ def main(argv):
         raise SystemExit("error: this model needs calibration prompts: pass --prompts FILE (one prompt a line; "
                          "the paper uses 100 diverse prompts)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else None
+    if cfg.dtype not in ("auto", "bfloat16", "float32"):
+        raise SystemExit(f"error: --dtype={cfg.dtype}: use auto, bfloat16 or float32")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(device, cfg.dtype) else None
     model.to(device).eval()
 
-    encoder = calibration_encoder(cfg, model.config, device)
+    encoder = load_text_encoder(cfg.text_encoder or model.config.text_encoder, model.config.text_max_length, device)
     if with_images:
         batches = shapes_calibration(cfg.calib_prompts, image_size, encoder, model.config, cfg.batch_size, cfg.seed)
         how = f"{cfg.calib_prompts} shapes prompts with their images, x_t on the straight path"

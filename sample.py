@@ -1,20 +1,13 @@
 """
 Text-to-image sampling with SANA's flow samplers, and best-of-N inference scaling (SANA-1.5 Sec. 2.5).
 
-The model predicts the velocity v = noise - x0 of the straight path x_sigma = (1 - sigma) x0 + sigma noise.
-- Flow-Euler: x <- x + (sigma_next - sigma) v.
-- Flow-DPM-Solver++ (2nd-order multistep, data prediction): with alpha = 1 - sigma, lambda = log(alpha / sigma)
-  and x0 = x - sigma v, one step is x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^{-h}) (D0 + D1 / 2),
-  D1 a finite difference of x0 over the previous step; the first and the last steps are first order
-  (the official "lower_order_final").
-- Classifier-free guidance on all latent channels: v = v_null + cfg (v_text - v_null), one batched forward.
-- The schedule: sigma uniform in [0.999, 0] then shifted by the flow shift (SANA: 3.0 at 1024px), as the
-  official "time_uniform_flow" grid.
+- The samplers (Flow-Euler, Flow-DPM-Solver++ on the flow-shifted sigma grid) are flow.py's; this file adds
+  classifier-free guidance on all latent channels, v = v_null + cfg (v_text - v_null), in one batched forward.
 - Best-of-N (Sec. 2.5): N candidates per prompt, a judge answers yes/no for each, savila.tournament keeps K.
-  SaVILA-tiny judges each candidate over test-time views: mirror x one-pixel shifts (10), each also asked with a
-  relation caption put the other way round ("A left of B" -> "B right of A"; 20 for those); --tta none: once.
+  The judge is SaVILA-tiny on the laptop (savila.py; it averages its logit over test-time views whose
+  checker answer is the same), any transformers VLM at real scale, or the checker itself (the ceiling).
   Candidate j of prompt i starts from noise seeded by (seed, i, j), so the first N of 32 candidates are the
-  N-candidate run: the inference-scaling curve reuses one set of samples.
+  N-candidate run: the inference-scaling curve (--curve) reuses one set of samples.
 
     python sample.py                                     # the shipped laptop model on demo prompts -> out/samples
     python sample.py --prompt "a photo of a red circle" --best_of 32 --keep 1
@@ -25,9 +18,7 @@ The model predicts the velocity v = noise - x0 of the straight path x_sigma = (1
 
 import argparse
 import json
-import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -36,7 +27,8 @@ from tqdm import tqdm
 
 import savila
 import shapes
-from model import GEMMA_CHI, DCAEDecoder, LinearDiT, TextEncoder, local_path, shift_sigma
+from flow import SAMPLERS, integrate, make_noise, timestep
+from model import DCAEDecoder, LinearDiT, load_text_encoder, resolve, use_bf16
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CKPT = os.path.join(ROOT, "weights", "shapes.safetensors")  # the shipped laptop model
@@ -47,14 +39,10 @@ DEMO_PROMPTS = ["a photo of a red circle", "a photo of three squares", "a photo 
                 "a photo of a white circle and a black square"]
 
 
-def flow_sigmas(steps, shift, sigma_max=0.999):
-    return shift_sigma(torch.linspace(sigma_max, 0.0, steps + 1, dtype=torch.float64), shift)  # (steps+1,)
-
-
 def guided_velocity(model, x, sigma, y, mask, y_null, mask_null, cfg):
     """One batched forward over [null, text]; guidance on every channel."""
     B = x.shape[0]
-    t = torch.full((2 * B,), float(sigma) * 1000.0, device=x.device)
+    t = torch.full((2 * B,), timestep(float(sigma)), device=x.device)
     v = model(torch.cat([x, x]), t, torch.cat([y_null, y]), torch.cat([mask_null, mask]))
     v_null, v_text = v.float().chunk(2)
     return v_null + cfg * (v_text - v_null)
@@ -62,59 +50,15 @@ def guided_velocity(model, x, sigma, y, mask, y_null, mask_null, cfg):
 
 @torch.no_grad()
 def generate(model, y, mask, y_null, mask_null, noise, steps=20, cfg=4.5, shift=3.0, sampler="dpm++"):
-    """Integrate from x = noise at sigma_max to sigma = 0. y (B, L, Dt), y_null (1 or B, L, Dt). -> x0 (B, C, H, W)."""
-    if sampler not in ("euler", "dpm++"):
-        raise ValueError(f"unknown sampler '{sampler}': use 'euler' or 'dpm++'")
+    """From x = noise at sigma_max to sigma = 0 with guidance. y (B, L, Dt), y_null (1 or B, L, Dt). -> x0 (B, C, H, W)."""
     B = noise.shape[0]
     y_null, mask_null = y_null.expand(B, -1, -1), mask_null.expand(B, -1)
-    sigmas = flow_sigmas(steps, shift).tolist()
-    x, prev_x0, prev_h = noise.float(), None, None
-    for i in range(steps):
-        s, t = sigmas[i], sigmas[i + 1]
-        v = guided_velocity(model, x.to(noise.dtype), s, y, mask, y_null, mask_null, cfg)
-        if sampler == "euler":
-            x = x + (t - s) * v
-            continue
-        x0 = x - s * v  # data prediction
-        if t == 0.0:  # final step: alpha_t = 1, sigma_t = 0 -> the prediction itself
-            x = x0
-            continue
-        h = math.log((1 - t) / t) - math.log((1 - s) / s)  # lambda_t - lambda_s
-        D = x0 if prev_x0 is None else x0 + (x0 - prev_x0) * (h / prev_h) / 2  # 2nd order after step 1
-        x = (t / s) * x + (1 - t) * (1 - math.exp(-h)) * D
-        prev_x0, prev_h = x0, h
-    return x
+    velocity = lambda x, sigma: guided_velocity(model, x, sigma, y, mask, y_null, mask_null, cfg)  # noqa: E731
+    return integrate(velocity, noise, steps, shift, sampler)
 
 
 # -----------------------------------------------------------------------------
-# loading: checkpoints, text encoders, decoders (local paths, or hub ids for users with network)
-
-
-def resolve(path):
-    """A local path as is; otherwise a Hugging Face hub id, downloaded once (real-scale users only)."""
-    if os.path.exists(local_path(path)):
-        return local_path(path)  # as given, or inside the repo (weights/...)
-    if path.count("/") != 1 or path.startswith((".", "/")):
-        raise SystemExit(f"error: {path} not found (a local file/folder, or a hub id like Efficient-Large-Model/...)")
-    try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(path)
-    except Exception as e:
-        raise SystemExit(f"error: {path} is neither a local path nor downloadable ({type(e).__name__}); "
-                         f"download it first and pass the folder") from None
-
-
-def load_text_encoder(name, max_length, device, dtype=torch.float32):
-    """The laptop encoders by kind ("minilm", "gemma-tiny"), else a transformers folder; Gemma gets SANA's CHI."""
-    if name in ("minilm", "gemma-tiny"):
-        return shapes.CaptionCache(shapes.laptop_text_encoder(name, max_length, device))
-    chi = GEMMA_CHI if "gemma" in name.lower() else None
-    return TextEncoder(resolve(name), max_length=max_length, chi_prompt=chi, device=device, dtype=dtype)
-
-
-def null_states(encoder):
-    """The empty caption: without the instruction prefix, as the official null embedding is computed."""
-    return encoder.null() if isinstance(encoder, TextEncoder) else encoder([""])
+# loading the decoder (the model and its text encoder load through model.py)
 
 
 def load_decoder(vae, device):
@@ -130,9 +74,9 @@ def load_decoder(vae, device):
 # generating candidates
 
 
-def make_noise(seed, prompt_index, j, shape):
-    g = torch.Generator().manual_seed(seed * 1_000_003 + prompt_index * 4_099 + j)
-    return torch.randn(shape, generator=g)
+def candidate_noise(seed, prompt_index, j, shape):
+    """Candidate j of prompt i has its own noise: best of N is the first N of any larger run."""
+    return make_noise(shape, seed * 1_000_003 + prompt_index * 4_099 + j)
 
 
 @torch.no_grad()
@@ -143,12 +87,12 @@ def sample_images(model, encoder, decoder, prompts, n, args, device, dtype):
     decode, factor = decoder
     side = args.size // factor  # latent side
     jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
-    y_null, mask_null = (t.to(device) for t in null_states(encoder))
+    y_null, mask_null = (t.to(device) for t in encoder.null())  # the empty caption, without Gemma's prefix
     out = []
     for b in tqdm(range(0, len(jobs), args.batch_size), desc="sampling", disable=not args.progress, leave=False):
         chunk = jobs[b:b + args.batch_size]
         y, mask = encoder([prompts[i] for i, _ in chunk])
-        noise = torch.stack([make_noise(args.seed, i, j, (c.in_channels, side, side)) for i, j in chunk])
+        noise = torch.stack([candidate_noise(args.seed, i, j, (c.in_channels, side, side)) for i, j in chunk])
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             x = generate(model, y.to(device), mask.to(device), y_null, mask_null, noise.to(device),
                          steps=args.steps, cfg=args.cfg, shift=args.shift, sampler=args.sampler)
@@ -160,15 +104,13 @@ def sample_images(model, encoder, decoder, prompts, n, args, device, dtype):
 # judges: SaVILA-tiny (laptop), any transformers VLM (real scale), or the checker itself (the ceiling)
 
 
-def load_judge(name, device, tta="converse"):
-    """judge(images (N,3,H,W) in [-1,1], prompt) -> [(said_yes, confidence)]. tta: SaVILA-tiny's test-time views
-    (savila.TTA; the mean logit over each image, its mirror and one-pixel shifts of both, each with the caption
-    and its converse)."""
+def load_judge(name, device):
+    """judge(images (N,3,H,W) in [-1,1], prompt) -> [(said_yes, confidence)]."""
     if name == "checker":  # an oracle: what a perfect judge would pick (never the default)
         return lambda images, prompt: [(ok, 0.0) for ok in shapes.check_batch(images, [prompt] * len(images))]
     if all(p.endswith(".safetensors") for p in name.split(",")):
         try:
-            return savila.load(name, device=device, tta=tta)
+            return savila.load(name, device=device)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
     vlm = savila.VLMJudge(resolve(name), device=device)
@@ -335,7 +277,7 @@ def plot_curve(rows, path):
     plt.close(fig)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="Sample images from a SANA checkpoint, optionally best-of-N with a judge.")
     ap.add_argument("--ckpt", default=DEFAULT_CKPT, help="ours (.safetensors), official .pth, or a diffusers folder/hub id")
     ap.add_argument("--prompt", action="append", help="a prompt (repeatable)")
@@ -345,28 +287,25 @@ def main(argv=None):
     ap.add_argument("--keep", type=int, default=1, help="images kept per N candidates (the tournament's K)")
     ap.add_argument("--judge", default=DEFAULT_JUDGE,
                     help="SaVILA-tiny .safetensors (several joined by commas: their ensemble), a VLM folder, or 'checker'")
-    ap.add_argument("--tta", choices=list(savila.TTA), default="converse",
-                    help="SaVILA-tiny's test-time views: none, the mirror, mirror x one-pixel shifts (10 views), "
-                         "or those with each relation caption also put the other way round (converse)")
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default 20)")
     ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default 4.5)")
     ap.add_argument("--shift", type=float, default=None, help="flow shift (default: the checkpoint's training value, else 3.0)")
-    ap.add_argument("--sampler", choices=["euler", "dpm++"], default="dpm++")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sampler", choices=SAMPLERS, default="dpm++", help="flow.py's Flow-Euler or Flow-DPM-Solver++")
+    ap.add_argument("--seed", type=int, default=0, help="candidate j of prompt i starts from noise seeded by (seed, i, j)")
     ap.add_argument("--size", type=int, default=None, help="image side in pixels (default 32 laptop, 1024 real)")
-    ap.add_argument("--batch_size", type=int, default=64)
+    ap.add_argument("--batch_size", type=int, default=64, help="images per sampler batch")
     ap.add_argument("--text_encoder", default="", help="override the checkpoint's text encoder (a folder or hub id)")
     ap.add_argument("--vae", default=None, help="override the checkpoint's DC-AE (a folder or hub id)")
-    ap.add_argument("--out", default="out/samples")
+    ap.add_argument("--out", default="out/samples", help="folder for the PNGs, index.jsonl and grid.png")
     ap.add_argument("--eval", action="store_true", help="shapes world: score the evaluation prompts (4 images each)")
     ap.add_argument("--curve", action="store_true", help="with --eval: the score at N = 1, 2, 4, ... best_of")
     ap.add_argument("--candidates", default="", help="with --curve: a .pt file of the sampled candidates: written "
                     "if absent, read if present (another --judge then re-judges the same images in seconds)")
     ap.add_argument("--safety_check", default="", help="a guard model folder (e.g. ShieldGemma-2B); refuse unsafe prompts")
-    ap.add_argument("--safety_threshold", type=float, default=0.5)
+    ap.add_argument("--safety_threshold", type=float, default=0.5, help="refuse a prompt above this P(unsafe)")
     ap.add_argument("--rewrite", default="", help="a chat model folder that enriches prompts before encoding")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--no_progress", dest="progress", action="store_false")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    ap.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bar")
     args = ap.parse_args(argv)
     for name in ("num_samples", "best_of", "keep", "batch_size"):
         if getattr(args, name) < 1:
@@ -377,18 +316,21 @@ def main(argv=None):
         raise SystemExit("error: --curve needs --eval")
     if args.candidates and not args.curve:
         raise SystemExit("error: --candidates needs --eval --curve")
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return args
 
-    prompts = [p.text for p in shapes.load_eval_prompts()] if args.eval else read_prompts(args)
+
+def screen_prompts(prompts, args, device):
+    """The deployment extras before any sampling: refuse unsafe prompts, then rewrite the rest."""
     if args.safety_check:
         p_unsafe = unsafe_probability(prompts, resolve(args.safety_check), device)
         bad = [p for p, q in zip(prompts, p_unsafe) if q > args.safety_threshold]
         if bad:
             raise SystemExit(f"refused: the safety check flags {len(bad)} prompt(s), e.g. {bad[0]!r}; no image was made")
-    if args.rewrite:
-        prompts = rewrite_prompts(prompts, resolve(args.rewrite), device)
+    return rewrite_prompts(prompts, resolve(args.rewrite), device) if args.rewrite else prompts
 
+
+def load_pipeline(args, device, dtype):
+    """-> (model, text encoder, decoder); fills in the checkpoint's own size, flow shift, steps and guidance."""
     if args.ckpt == DEFAULT_CKPT and not os.path.exists(DEFAULT_CKPT):
         raise SystemExit(f"error: no shipped model at {DEFAULT_CKPT}; train one: python train.py config/shapes.py")
     try:
@@ -406,9 +348,11 @@ def main(argv=None):
     if args.size % (decoder[1] * c.patch_size):
         raise SystemExit(f"error: --size {args.size} must be a multiple of {decoder[1] * c.patch_size} "
                          f"(autoencoder factor {decoder[1]} x patch {c.patch_size})")
-    judge = load_judge(args.judge, device, args.tta) if args.best_of > 1 else None
-    n_per = (shapes.IMAGES_PER_PROMPT if args.eval else args.num_samples)
-    groups = [p for p in prompts for _ in range(n_per)]  # one group of N candidates per kept image
+    return model, encoder, decoder
+
+
+def candidates(groups, args, device, dtype):
+    """best_of candidates per group, sampled now or read from --candidates (written there after sampling)."""
     if args.candidates and os.path.exists(args.candidates):
         try:
             images = torch.load(args.candidates)  # (G * N, 3, H, W): the candidates of an earlier run
@@ -419,18 +363,31 @@ def main(argv=None):
             raise SystemExit(f"error: {args.candidates} holds {len(images)} candidates, not {len(groups)} groups x "
                              f"--best_of {args.best_of}; delete it or pass its --best_of")
         print(f"read {len(images)} candidates from {args.candidates} (sampled by an earlier run; --ckpt unused)")
-    else:
-        t0 = time.perf_counter()
-        images = sample_images(model, encoder, decoder, groups, args.best_of, args, device, dtype)
-        seconds = time.perf_counter() - t0
-        print(f"sampled {len(images)} images in {seconds:.1f}s: {len(images) / seconds:.1f} images/s "
-              f"({args.steps} steps, {torch.get_num_threads()} threads on {device.type})")
-        if args.candidates:
-            Path(args.candidates).parent.mkdir(parents=True, exist_ok=True)
-            torch.save(images.cpu(), args.candidates + ".tmp")
-            os.replace(args.candidates + ".tmp", args.candidates)
+        return images
+    model, encoder, decoder = load_pipeline(args, device, dtype)
+    t0 = time.perf_counter()
+    images = sample_images(model, encoder, decoder, groups, args.best_of, args, device, dtype)
+    seconds = time.perf_counter() - t0
+    print(f"sampled {len(images)} images in {seconds:.1f}s: {len(images) / seconds:.1f} images/s "
+          f"({args.steps} steps, {torch.get_num_threads()} threads on {device.type})")
+    if args.candidates:
+        Path(args.candidates).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(images.cpu(), args.candidates + ".tmp")
+        os.replace(args.candidates + ".tmp", args.candidates)
+    return images
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if use_bf16(device) else torch.float32
+    prompts = [p.text for p in shapes.load_eval_prompts()] if args.eval else read_prompts(args)
+    prompts = screen_prompts(prompts, args, device)
+    judge = load_judge(args.judge, device) if args.best_of > 1 else None  # a bad judge fails before sampling
+    groups = [p for p in prompts for _ in range(shapes.IMAGES_PER_PROMPT if args.eval else args.num_samples)]
+    images = candidates(groups, args, device, dtype)  # one group of N candidates per kept image
     os.makedirs(args.out, exist_ok=True)
-    if args.eval and args.curve:
+    if args.curve:
         evaluate_curve(images, shapes.load_eval_prompts(), args.best_of, judge, args.out)
         return
     if args.best_of > 1:

@@ -17,14 +17,14 @@ Every judge here is a callable judge(images, prompt) -> [(said_yes, confidence),
 - Ensemble: several SaVILA-tiny judges, their logits averaged (the shipped judge is two: one at the image's
   size, one that sees it enlarged 2x).
 
-    python savila.py --write_prompts out/judge_prompts.txt --n 2000       # prompts for sample.py
-    python sample.py --prompts out/judge_prompts.txt --num_samples 4 --out out/judge_images  # PNGs + index.jsonl
+Train and evaluate (the shipped judges' full recipe, with times: README, "Reproduce every figure"):
+
+    python savila.py --write_prompts out/judge_prompts.txt --n 2000     # judge-training prompts, no eval prompt
+    python sample.py --prompts out/judge_prompts.txt --num_samples 4 --out out/judge_images --seed 1
     python savila.py --train --images out/judge_images --renders 8000 --hard --attend 2 --partial --steps 3000 \
-        --seed 1                                        # App. B on the laptop: the shipped judges' first stage
-    python savila.py --train --images out/judge_images out/judge_images3 --renders 8000 --hard --partial \
-        --steps 1000 --lr 3e-4 --seed 1 --init_from out/savila_tiny.safetensors   # then fine-tuned on more images
-    python savila.py --train --synthetic --n 4000   # quick start before a DiT exists: renders + wrong captions
-    python savila.py --eval --images DIR --ckpt out/savila_tiny.safetensors   # judge accuracy vs the checker
+        --seed 1 --out out/savila_stage1.safetensors                  # add --zoom 2 for the second judge
+    python savila.py --eval --images DIR --ckpt weights/savila_tiny.safetensors,weights/savila_tiny_zoom.safetensors
+    python savila.py --train --synthetic --n 4000   # a quick start before a DiT exists: renders + wrong captions
 
 An images folder holds PNG files and DIR/index.jsonl, one line per image: {"file": "00001.png", "prompt": text}.
 
@@ -43,9 +43,11 @@ Deviations from the official code (tools/inference_scaling/nvila_sana_pick.py), 
   evaluation prompts. With --renders, ground-truth renders of judge-training prompts join the DiT's images
   (App. B uses generated images only). It trains from scratch at lr 1e-3 for ~12 epochs; App. B fine-tunes a
   pre-trained NVILA-2B at lr 2e-5 for one epoch over 2M images, a model that already reads "left of".
-- SaVILA-tiny may average its logit over test-time views (TTA: the mirror with "left of" <-> "right of",
-  one-pixel shifts, and the converse caption "B right of A" for "A left of B"); sample.py does by default. The
-  paper's verifier sees each image once, asked once.
+- SaVILA-tiny averages its logit over 20 test-time views (VIEWS): the image and its mirror (the caption's
+  "left of" <-> "right of"), each as is and shifted by one pixel four ways, each view asked with the caption and
+  with its converse ("B right of A" for "A left of B"). The checker's answer is the same in every view, so each
+  view is another look at the same question; a tiny judge's errors differ from view to view. The paper's
+  verifier sees each image once, asked once.
 """
 
 import argparse
@@ -56,7 +58,7 @@ import numbers
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +67,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import shapes
-from model import atomic_save_file, check_and_load
+from model import LAPTOP_TEXT_ENCODER, CaptionCache, check_and_load, load_text_encoder, save_safetensors
 
 # The official verifier's question (nvila_sana_pick.py), verbatim: no space after "is:", a trailing newline.
 QUESTION = ("You are an AI assistant specializing in image analysis and ranking. Your task is to analyze and "
@@ -80,9 +82,9 @@ VERIFIER = "Efficient-Large-Model/NVILA-Lite-2B-Verifier"
 @dataclass
 class SavilaConfig:
     image_size: int = 32
-    text_encoder: str = "minilm"  # shapes.laptop_text_encoder kind; its token states are the caption input
-    text_dim: int = 384  # the text encoder's hidden size (MiniLM 384, gemma-tiny 32)
-    text_len: int = 16  # caption tokens read (the laptop encoder's max_length; the longest caption has 12)
+    text_encoder: str = LAPTOP_TEXT_ENCODER  # model.load_text_encoder's name; its token states are the caption input
+    text_dim: int = 384  # the text encoder's hidden size (MiniLM: 384)
+    text_len: int = 16  # caption tokens read (the encoder's max_length; the longest caption has 12)
     channels: int = 32  # CNN widths c, 2c, 2c, 4c, 4c
     width: int = 128  # the joint space where image and caption meet
     hidden: int = 64  # the answer head's hidden width
@@ -311,8 +313,9 @@ class SavilaNet(nn.Module):
     - head: an MLP on the elementwise product, so every caption feature gates every image feature.
     - attend = k > 0: k attention heads whose queries come from the caption look over the CNN's grid; each reads
       features (added to the image side) and where it looked (a softmax-weighted centroid). The centroids and
-      their offsets, gated by the caption, feed a second small head. Pooled features alone cannot say which
-      shape is left of which (measured: right vs relation-flipped caption on renders, 0.49-0.51, chance).
+      their offsets, gated by the caption, feed a second small head. Pooling keeps which features occur, not
+      which shape they came from, so pooled features alone cannot say which shape is left of which (flip_test
+      asks exactly this: 0.5 is a judge that does not read the relation).
     The image tower runs once per image; only the head (and the attention) runs per image-caption pair (pairs())."""
 
     def __init__(self, config):
@@ -397,10 +400,10 @@ class SavilaNet(nn.Module):
         return self._logits(self.image(x), self.text(y, mask))
 
 
-_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
-TTA = {"none": [(0, 0, 0, 0)], "mirror": [(0, 0, 0, 0), (1, 0, 0, 0)],  # views: (mirrored, dy, dx, converse)
-       "mirror_shift": [(m, dy, dx, 0) for m in (0, 1) for dy, dx in _SHIFTS],
-       "converse": [(m, dy, dx, c) for c in (0, 1) for m in (0, 1) for dy, dx in _SHIFTS]}
+# the test-time views: the checker's answer is the same in every one
+
+SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # as is, and one pixel down, up, right, left
+VIEWS = [(m, dy, dx, c) for c in (0, 1) for m in (0, 1) for dy, dx in SHIFTS]  # (mirrored, dy, dx, converse)
 
 
 def mirror_caption(text):
@@ -427,38 +430,31 @@ def view(x, mirrored, dy, dx):
     return x[..., s - dy:s - dy + H, s - dx:s - dx + W]
 
 
-def to_unit(images, size):
-    """Images as shapes.to_uint8 takes them -> float (N, 3, size, size) in [-1, 1], quantised to 8 bits first,
-    so the judge sees a sample exactly as its PNG would store it."""
-    u8 = shapes.to_uint8(images)  # (N, H, W, 3)
-    if u8.shape[1:3] != (size, size):
-        raise ValueError(f"the judge takes {size}x{size} images, got {u8.shape[2]}x{u8.shape[1]}")
-    return torch.from_numpy(np.ascontiguousarray(shapes.TO_UNIT[u8].transpose(0, 3, 1, 2)))  # (N, 3, H, W)
+def judge_input(images, size):
+    """Images as shapes.to_uint8 takes them -> float (N, 3, size, size) in [-1, 1] (shapes.to_unit: through 8
+    bits, so the judge sees a sample exactly as its PNG stores it)."""
+    x = shapes.to_unit(images)  # (N, 3, H, W)
+    if x.shape[-2:] != (size, size):
+        raise ValueError(f"the judge takes {size}x{size} images, got {x.shape[-1]}x{x.shape[-2]}")
+    return x
 
 
 class SavilaTiny:
-    """The laptop judge: judge(images, prompts) -> [(said_yes, confidence)]. It says yes when the logit z > 0,
-    with confidence log sigmoid(z) (yes) or log sigmoid(-z) (no), the log-probability of the answer it gives;
-    so the tournament's rule ranks candidates exactly by z. images: float (N, 3, H, W) in [-1, 1] or uint8
-    (N, H, W, 3); prompts: one text for all images or one per image. encoder: a model.TextEncoder or
-    shapes.CaptionCache; None builds config.text_encoder with shapes.laptop_text_encoder on first use.
-    tta: test-time augmentation, z = the mean logit over the views in TTA[tta]: "mirror" adds each image's mirror
-    (with "left of" and "right of" swapped in the caption), "mirror_shift" also shifts both by one pixel four ways,
-    "converse" asks each of those views also with the caption put the other way round (converse_caption).
-    The shapes checker's answer is the same for every view. Measured (session 13's judge re-judging the saved
-    candidates): best of 32 0.819 (none), 0.858 (mirror_shift), 0.872 (converse); README, "Inference-time scaling"."""
+    """The laptop judge: judge(images, prompts) -> [(said_yes, confidence)]. Its logit z is the mean of the
+    net's logits over the 20 VIEWS; it says yes when z > 0, with confidence log sigmoid(z) (yes) or
+    log sigmoid(-z) (no), the log-probability of the answer it gives, so the tournament's rule ranks candidates
+    exactly by z. images: float (N, 3, H, W) in [-1, 1] or uint8 (N, H, W, 3); prompts: one text for all images
+    or one per image. encoder: the caption encoder (a model.TextEncoder or model.CaptionCache); None loads
+    config.text_encoder with model.load_text_encoder on first use, on the CPU: every caption is encoded once."""
 
-    def __init__(self, config=None, encoder=None, device="cpu", tta="none"):
-        if tta not in TTA:
-            raise ValueError(f"unknown tta {tta!r}; use one of {list(TTA)}")
-        self.tta = tta
+    def __init__(self, config=None, encoder=None, device="cpu"):
         self.config = config or SavilaConfig()
         self.net = SavilaNet(self.config).to(device).eval()
         self.device = device
         self._captions = None if encoder is None else self._cache(encoder)
 
     def _cache(self, encoder):
-        cache = encoder if isinstance(encoder, shapes.CaptionCache) else shapes.CaptionCache(encoder)
+        cache = encoder if isinstance(encoder, CaptionCache) else CaptionCache(encoder)
         if cache.dim != self.config.text_dim:
             raise ValueError(f"the text encoder gives {cache.dim}-d states but this judge takes "
                              f"{self.config.text_dim}-d ({self.config.text_encoder!r}); pass the matching encoder")
@@ -467,18 +463,20 @@ class SavilaTiny:
     @property
     def captions(self):
         if self._captions is None:
-            self._captions = self._cache(shapes.laptop_text_encoder(self.config.text_encoder))
+            if self.config.text_encoder != LAPTOP_TEXT_ENCODER:
+                raise ValueError(f"this judge reads captions with {self.config.text_encoder!r}; pass that encoder")
+            self._captions = self._cache(load_text_encoder(LAPTOP_TEXT_ENCODER, self.config.text_len))
         return self._captions
 
     @torch.no_grad()
     def logits(self, images, prompts, batch_size=256):
-        x = to_unit(images, self.config.image_size)  # (N, 3, H, W)
+        x = judge_input(images, self.config.image_size)  # (N, 3, H, W)
         texts = [prompts] * len(x) if isinstance(prompts, str) else [getattr(p, "text", p) for p in prompts]
         if len(texts) != len(x):
             raise ValueError(f"got {len(x)} images but {len(texts)} prompts; pass one prompt, or one per image")
         self.net.eval()
         z, seen = torch.zeros(len(x)), {}
-        for mirrored, dy, dx, conv in TTA[self.tta]:
+        for mirrored, dy, dx, conv in VIEWS:
             said = [mirror_caption(t) for t in texts] if mirrored else texts
             rows = torch.arange(len(x))
             if conv:  # only the captions with a relation change; the others reuse the view without conv
@@ -494,7 +492,7 @@ class SavilaTiny:
                 xv = view(x[r], mirrored, dy, dx).to(self.device)
                 zv[r] = self.net(xv, y.to(self.device), mask.to(self.device)).float().cpu()
             z += zv
-        return z / len(TTA[self.tta])  # (N,)
+        return z / len(VIEWS)  # (N,)
 
     def __call__(self, images, prompts):
         z = self.logits(images, prompts)  # (N,)
@@ -502,13 +500,11 @@ class SavilaTiny:
         return list(zip((z > 0).tolist(), conf.tolist()))
 
     def save(self, path, **meta):
-        metadata = {"format": "savila-tiny", "config": json.dumps(asdict(self.config))}
-        metadata.update({k: json.dumps(v) for k, v in meta.items()})
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_file(self.net.state_dict(), path, metadata)
+        save_safetensors(self.net.state_dict(), path, "savila-tiny", self.config, **meta)
 
     @classmethod
-    def load(cls, path, encoder=None, device="cpu", tta="none"):
+    def load(cls, path, encoder=None, device="cpu"):
         from safetensors import safe_open
         from safetensors.torch import load_file
 
@@ -521,17 +517,18 @@ class SavilaTiny:
             raise ValueError(f"{path} is not a safetensors file ({e}); pass a SaVILA-tiny checkpoint") from None
         if meta.get("format") != "savila-tiny":
             raise ValueError(f"{path} is not a SaVILA-tiny checkpoint (metadata format {meta.get('format')!r})")
-        judge = cls(config_from_dict(json.loads(meta["config"])), encoder, device, tta)
-        check_and_load(judge.net, load_file(path), "SaVILA-tiny")  # assigns the file's (CPU) tensors
-        judge.net.to(device)  # so move after loading (found on an H100: sample.py --curve failed on cuda)
+        judge = cls(config_from_dict(json.loads(meta["config"])), encoder, device)
+        check_and_load(judge.net, load_file(path), "SaVILA-tiny")  # assigns the file's tensors, on the CPU
+        judge.net.to(device)  # so the move comes after loading
         return judge
 
 
 class Ensemble:
-    """Several SaVILA-tiny judges as one: z = the mean of their logits (each over its test-time views), then the
-    same yes/no and confidence as SavilaTiny. Judges trained differently err differently: measured (session 14)
-    on the shipped pair, one at the image's size and one with a 2x zoomed input (SavilaConfig.zoom), validation
-    ranking AUC 0.856 / 0.859 alone, 0.881 together (README, "Inference-time scaling")."""
+    """Several SaVILA-tiny judges as one: z = the mean of their logits (each over its views), then the same yes/no
+    and confidence as SavilaTiny. Judges trained differently err differently, and the mean cancels what they do
+    not share. The shipped pair, one at the image's size and one with a 2x zoomed input (SavilaConfig.zoom), is
+    sample.py's default judge: `python sample.py --eval --best_of 32 --curve` picks images the checker passes
+    0.949 of the time (results/best_of.json)."""
 
     def __init__(self, judges):
         self.judges = list(judges)
@@ -542,13 +539,13 @@ class Ensemble:
     __call__ = SavilaTiny.__call__
 
 
-def load(paths, encoder=None, device="cpu", tta="none"):
+def load(paths, encoder=None, device="cpu"):
     """One SaVILA-tiny checkpoint, or several joined by commas (an Ensemble sharing one caption encoder)."""
     first, *rest = str(paths).split(",")
-    judge = SavilaTiny.load(first, encoder, device, tta)
+    judge = SavilaTiny.load(first, encoder, device)
     if not rest:
         return judge
-    return Ensemble([judge] + [SavilaTiny.load(p, judge.captions, device, tta) for p in rest])
+    return Ensemble([judge] + [SavilaTiny.load(p, judge.captions, device) for p in rest])
 
 
 # -----------------------------------------------------------------------------
@@ -567,7 +564,7 @@ def judge_extra_captions(partial=False):
     objects in a relation ("a photo of a red circle left of a blue square"), 720 of them, filed under position.
     The split leaves the judge 12 position prompts; these add every (shape, colour) pair in every relation.
     None is an evaluation prompt (those name no colours), so App. B's rule holds. The checker labels them
-    like any other caption. Measured: best of 32 0.657 -> 0.686 on the same 8000 images (README)."""
+    like any other caption. partial: 288 more with one of the two objects coloured."""
     out = []
     for a, b in itertools.permutations(shapes.SHAPES, 2):
         for ca, cb in itertools.permutations(shapes.COLORS, 2):
@@ -620,15 +617,8 @@ def caption_weights(labels, pairs):
     return 0.5 / rate, 0.5 / (1 - rate)
 
 
-def shifted(x, s, gen):
-    """Each image of x (N, 3, H, W) moved by its own random (dy, dx), each in [-s, s] pixels (view())."""
-    d = torch.randint(-s, s + 1, (len(x), 2), generator=gen)
-    return torch.cat([view(x[i:i + 1], False, dy, dx) for i, (dy, dx) in enumerate(d.tolist())])
-
-
 def train_judge(images, captions, labels, near=None, config=None, encoder=None, steps=1200, batch_size=64,
-                lr=1e-3, warmup=0.03, seed=0, device="cpu", log_every=100, rank=0.0, hard=None, hard_weight=1.0,
-                shift=0, init=None):
+                lr=1e-3, warmup=0.03, seed=0, device="cpu", log_every=100, hard=None, hard_weight=1.0, init=None):
     """Each step: batch_size images, each asked about every caption; labels (N, C) bool from pair_labels.
     The loss has two equal shares (three with hard), each BCE balanced per caption (caption_weights):
     - all pairs, each of GenEval's six categories weighing the same (color_attr has most of the captions);
@@ -636,10 +626,8 @@ def train_judge(images, captions, labels, near=None, config=None, encoder=None, 
       averaged per image. Most captions are easy no's (another count, another category); without this share
       the few hard no's drown;
     - with hard (N, C) bool (relation_pairs), a third share times hard_weight: the captions that can only be wrong
-      about the relation, averaged over the images that have any (measured: averaged over all images instead,
-      the judges said yes to ~95% of relation-flipped captions on clean renders).
-    shift = s > 0: each training image moved by a random whole number of pixels in [-s, s] along each axis (the
-    test-time views' shifts, as augmentation; the border repeated; the checker's answer does not change).
+      about the relation, averaged over the images that have any (few images do: the checker must find both
+      objects), so that the rest of the batch does not dilute it.
     init: a state dict to start from (a judge trained before, same config): fine-tuning.
     Adam, linear warmup over `warmup` of the steps, then cosine to zero (App. B). Returns (judge, losses)."""
     labels = torch.as_tensor(np.asarray(labels, dtype=np.float32))  # (N, C) 1 = yes
@@ -654,7 +642,7 @@ def train_judge(images, captions, labels, near=None, config=None, encoder=None, 
     if init is not None:
         check_and_load(judge.net, init, "SaVILA-tiny")
         judge.net.to(device)
-    x = to_unit(images, judge.config.image_size)  # (N, 3, H, W)
+    x = judge_input(images, judge.config.image_size)  # (N, 3, H, W)
     texts = [getattr(c, "text", c) for c in captions]  # captions: texts or shapes.Prompt
     y, mask = (t.to(device) for t in judge.captions(texts))  # (C, L, Dt), (C, L): each caption encoded once
     cats = np.array([shapes.as_prompt(c).category for c in captions])
@@ -676,25 +664,17 @@ def train_judge(images, captions, labels, near=None, config=None, encoder=None, 
         if step % per_epoch == 0:
             order = torch.randperm(len(x), generator=gen)
         b = order[(step % per_epoch) * batch_size:(step % per_epoch + 1) * batch_size]
-        xb = x[b] if not shift else shifted(x[b], shift, gen)
-        z = judge.net.pairs(judge.net.image(xb.to(device)), judge.net.text(y, mask))  # (B, C)
+        z = judge.net.pairs(judge.net.image(x[b].to(device)), judge.net.text(y, mask))  # (B, C)
         target, nb = labels[b].to(device), near[b].to(device)  # (B, C)
         bce = F.binary_cross_entropy_with_logits(z.float(), target, reduction="none")  # (B, C)
         loss = ((bce * torch.where(target > 0, *w_all)).mean()
                 + ((bce * torch.where(target > 0, *w_near) * nb).sum(1) / nb.sum(1).clamp(min=1)).mean())
         if hard is not None:  # a third share: captions that differ from the image only in the relation
             hb = hard[b].to(device)
-            rows = hb.sum(1) > 0  # the images that have such captions (few: the checker must find both objects)
+            rows = hb.sum(1) > 0  # the images that have such captions
             if rows.any():
                 per_image = (bce * torch.where(target > 0, *w_hard) * hb).sum(1)[rows] / hb.sum(1)[rows]
                 loss = loss + hard_weight * per_image.mean()
-        if rank:  # best-of-N's question: among one caption's near images, are its right ones on top?
-            zr = z.float().masked_fill(nb == 0, -1e4)
-            has = ((target * nb).sum(0) > 0) & (((1 - target) * nb).sum(0) > 0)  # (C,) a yes and a no to rank
-            if has.any():
-                lse_all = torch.logsumexp(zr, 0)
-                lse_yes = torch.logsumexp(zr.masked_fill(target == 0, -1e4), 0)
-                loss = loss + rank * (lse_all - lse_yes)[has].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -761,123 +741,150 @@ def format_report(report, name):
 
 
 # -----------------------------------------------------------------------------
-# CLI
+# CLI: judge-training prompts, App. B's training on the laptop, a judge measured against the checker
 
-if __name__ == "__main__":
+
+def write_prompts_cmd(args):
+    categories = args.categories.split(",") if args.categories else None
+    texts = write_prompts(args.write_prompts, args.n, args.seed, categories)
+    print(f"wrote {len(texts)} judge-training prompts to {args.write_prompts}")
+
+
+def check_train_args(args):
+    """One-line errors for bad --train flags, before any work."""
+    if bool(args.images) == args.synthetic:
+        raise ValueError("--train needs exactly one of --images DIR (App. B) and --synthetic")
+    if not 0 < args.val_frac < 1:
+        raise ValueError(f"--val_frac must be in (0, 1), got {args.val_frac}")
+    for flag in ("attend", "renders", "hard"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    for flag in ("n", "steps", "batch_size", "zoom"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+
+
+def training_images(args, pool):
+    """-> uint8 images, their prompts: folders sample.py wrote for judge-training prompts (App. B), or renders
+    with half the captions wrong (--synthetic)."""
+    if args.synthetic:
+        return synthetic_set(shapes.judge_train_prompts(args.n, args.seed), seed=args.seed)
+    images, texts = load_images_dirs(args.images)
+    leaked = set(texts) - {p.text for p in pool}
+    if leaked:
+        raise ValueError(f"{' '.join(args.images)} holds images of {len(leaked)} prompt(s) outside the judge's "
+                         f"prompts, e.g. {sorted(leaked)[0]!r}; App. B keeps evaluation prompts out: "
+                         "generate for `python savila.py --write_prompts FILE`")
+    return images, texts
+
+
+def judge_config(args, start, image_size, text_dim):
+    """A new judge's config from the flags, or --init_from's: its architecture, only the input zoom may change."""
+    if start is None:
+        return SavilaConfig(image_size=image_size, text_dim=text_dim, attend=args.attend, zoom=args.zoom or 1)
+    config = replace(start.config, zoom=args.zoom or start.config.zoom)
+    if (config.image_size, config.text_encoder) != (image_size, LAPTOP_TEXT_ENCODER):
+        raise ValueError(f"{args.init_from} judges {config.image_size}px images with {config.text_encoder!r}; "
+                         f"these are {image_size}px with {LAPTOP_TEXT_ENCODER!r}")
+    return config
+
+
+def report_training(judge, images, texts, pool, seed):
+    """The trained judge against the checker: on its held-out images, on renders of the evaluation prompts with
+    half the captions wrong, and the flip test on renders of its own position prompts."""
+    print(format_report(judge_report(judge, images, texts, shapes.check_batch(images, texts)),
+                        "held-out images, each with its prompt"))
+    ev_images, ev_texts = synthetic_set([p for p in shapes.load_eval_prompts() for _ in range(4)], seed=seed + 1)
+    print(format_report(judge_report(judge, ev_images, ev_texts, shapes.check_batch(ev_images, ev_texts)),
+                        "eval prompts: renders, half the captions wrong"))
+    own = [p for p in pool if p.category == "position"]
+    print(f"flip test on its own position prompts (renders, right vs relation-flipped caption; 0.5 = chance): "
+          f"{flip_test(judge, own):.3f}")
+
+
+def train_cmd(args):
+    """App. B on the laptop: the checker labels every (image, caption) pair, SaVILA-tiny learns the labels."""
+    check_train_args(args)
+    start = SavilaTiny.load(args.init_from) if args.init_from else None  # a bad path fails before any work
+    pool = judge_train_pool()
+    images, texts = training_images(args, pool)
+    encoder = load_text_encoder(LAPTOP_TEXT_ENCODER, SavilaConfig.text_len, args.device)
+    config = judge_config(args, start, images.shape[1], encoder.dim)
+    if start:
+        print(f"starting from {args.init_from}: {config}")
+    held = np.random.default_rng(args.seed).random(len(images)) < args.val_frac
+    train_images, train_texts = images[~held], [t for t, h in zip(texts, held) if not h]
+    if args.renders:  # ground-truth renders of judge-training prompts join the generated images
+        prompts = shapes.judge_train_prompts(args.renders, args.seed + 7)
+        renders = shapes.render_batch([p.spec for p in prompts], images.shape[1], args.seed + 7)
+        train_images, train_texts = np.concatenate([train_images, renders]), train_texts + [p.text for p in prompts]
+    captions = pool + judge_extra_captions(args.partial)
+    labels = pair_labels(train_images, captions)  # App. B: the checker labels every pair
+    print(f"{len(train_images)} training images x {len(captions)} captions, {labels.mean():.2%} of the "
+          f"pairs labelled yes by the checker")
+    t0 = time.perf_counter()
+    judge, _ = train_judge(train_images, captions, labels, near_pairs(train_texts, captions), config, encoder,
+                           args.steps, args.batch_size, args.lr, seed=args.seed, device=args.device,
+                           hard=relation_pairs(labels, captions) if args.hard else None, hard_weight=args.hard,
+                           init=start.net.state_dict() if start else None)
+    print(f"trained in {time.perf_counter() - t0:.0f}s")
+    judge.save(args.out, source="synthetic" if args.synthetic else " ".join(args.images), steps=args.steps)
+    print(f"saved {args.out}")
+    report_training(judge, images[held], [t for t, h in zip(texts, held) if h], pool, args.seed)
+
+
+def eval_cmd(args):
+    """A judge's yes/no against the checker on folders sample.py wrote, and how it ranks each prompt's images."""
+    if not args.images:
+        raise ValueError("--eval needs --images DIR")
+    judge = load(args.ckpt, device=args.device)
+    images, texts = load_images_dirs(args.images)
+    labels = shapes.check_batch(images, texts)
+    z = judge.logits(images, texts)  # (N,) the judge says yes where z > 0
+    print(format_report(agreement((z > 0).tolist(), labels, texts), " ".join(args.images)))
+    auc = ranking_auc(z, texts, labels)
+    print(f"ranking AUC within each prompt's images: mean {auc.pop('mean'):.3f}  "
+          + "  ".join(f"{c} {v:.3f}" for c, v in auc.items()))
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description="SaVILA: the judge for best-of-N (SANA-1.5 Sec. 2.5, App. B).")
     parser.add_argument("--write_prompts", metavar="FILE", help="write --n judge-training prompts, one per line")
     parser.add_argument("--categories", help="with --write_prompts: only these, comma-separated (e.g. position,counting)")
+    parser.add_argument("--n", type=int, default=4000, help="prompts to write / synthetic images")
+    parser.add_argument("--seed", type=int, default=0, help="the prompts drawn, the held-out split, the training order")
     parser.add_argument("--train", action="store_true", help="train SaVILA-tiny (needs --images or --synthetic)")
-    parser.add_argument("--eval", action="store_true", help="accuracy of --ckpt against the checker on --images")
     parser.add_argument("--images", metavar="DIR", nargs="+", help="folders of PNGs + index.jsonl written by sample.py")
     parser.add_argument("--synthetic", action="store_true",
                         help="SYNTHETIC quick start, not App. B: ground-truth renders, half the captions wrong")
-    parser.add_argument("--n", type=int, default=4000, help="prompts to write / synthetic images")
-    parser.add_argument("--out", default="out/savila_tiny.safetensors", help="where --train saves the judge")
-    parser.add_argument("--ckpt", default="out/savila_tiny.safetensors",
-                        help="the judge --eval loads (several joined by commas: their ensemble)")
-    parser.add_argument("--text_encoder", default="minilm", help="minilm | gemma-tiny (shapes.laptop_text_encoder)")
-    parser.add_argument("--tta", choices=list(TTA), default="none", help="with --eval: test-time views (TTA)")
-    parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--hard", type=float, nargs="?", const=1.0, default=0.0, metavar="W",
-                        help="a loss share on relation-only near misses, weight W (1 if given alone)")
-    parser.add_argument("--rank", type=float, default=0.0, help="weight of the listwise ranking loss")
-    parser.add_argument("--partial", action="store_true", help="extra captions with one of two objects coloured")
-    parser.add_argument("--channels", type=int, default=SavilaConfig.channels, help="the CNN's first width (SavilaConfig)")
-    parser.add_argument("--zoom", type=int, default=None,
-                        help="enlarge the judge's input this many times (SavilaConfig.zoom; default 1, or --init_from's)")
-    parser.add_argument("--shift", type=int, default=0, help="train on images moved by up to this many pixels")
-    parser.add_argument("--init_from", metavar="CKPT", help="start from this judge (its architecture; fine-tuning)")
-    parser.add_argument("--attend", type=int, default=0, help="caption-driven attention heads (SavilaConfig.attend)")
     parser.add_argument("--renders", type=int, default=0,
                         help="with --images: also train on this many ground-truth renders of judge-training prompts")
-    parser.add_argument("--world_captions_only", action="store_true",
-                        help="train on the world's prompts alone, without judge_extra_captions() (sessions 4-6's judges)")
+    parser.add_argument("--partial", action="store_true", help="extra captions with one of two objects coloured")
+    parser.add_argument("--hard", type=float, nargs="?", const=1.0, default=0.0, metavar="W",
+                        help="a loss share on relation-only near misses, weight W (1 if given alone)")
+    parser.add_argument("--attend", type=int, default=0, help="caption-driven attention heads (SavilaConfig.attend)")
+    parser.add_argument("--zoom", type=int, default=None,
+                        help="enlarge the judge's input this many times (SavilaConfig.zoom; default 1, or --init_from's)")
+    parser.add_argument("--init_from", metavar="CKPT", help="start from this judge (its architecture; fine-tuning)")
+    parser.add_argument("--steps", type=int, default=1200, help="training steps")
     parser.add_argument("--batch_size", type=int, default=64, help="images per step, each asked every caption")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam's peak learning rate (warmup, then cosine)")
     parser.add_argument("--val_frac", type=float, default=0.1, help="images held out to measure accuracy")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    parser.add_argument("--out", default="out/savila_tiny.safetensors", help="where --train saves the judge")
+    parser.add_argument("--eval", action="store_true", help="accuracy of --ckpt against the checker on --images")
+    parser.add_argument("--ckpt", default="out/savila_tiny.safetensors",
+                        help="the judge --eval loads (several joined by commas: their ensemble)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the judge trains or judges (default: cuda if there is one)")
+    args = parser.parse_args(argv)
+    command = write_prompts_cmd if args.write_prompts else train_cmd if args.train else eval_cmd if args.eval else None
+    if command is None:
+        return parser.print_help()
     try:
-        if args.write_prompts:
-            write_prompts(args.write_prompts, args.n, args.seed, args.categories and args.categories.split(","))
-            print(f"wrote {args.n} judge-training prompts to {args.write_prompts}")
-        elif args.train:
-            if bool(args.images) == args.synthetic:
-                raise ValueError("--train needs exactly one of --images DIR (App. B) and --synthetic")
-            if not 0 < args.val_frac < 1:
-                raise ValueError(f"--val_frac must be in (0, 1), got {args.val_frac}")
-            for flag in ("attend", "renders", "rank", "hard", "shift"):
-                if getattr(args, flag) < 0:
-                    raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
-            zoom = 1 if args.zoom is None else args.zoom
-            if args.channels < 1 or zoom < 1:
-                raise ValueError(f"--channels and --zoom must be >= 1, got {args.channels} and {zoom}")
-            start = SavilaTiny.load(args.init_from) if args.init_from else None  # a bad path fails before any work
-            pool = judge_train_pool()
-            if args.synthetic:
-                images, texts = synthetic_set(shapes.judge_train_prompts(args.n, args.seed), seed=args.seed)
-            else:
-                images, texts = load_images_dirs(args.images)
-                leaked = set(texts) - {p.text for p in pool}
-                if leaked:
-                    raise ValueError(f"{' '.join(args.images)} holds images of {len(leaked)} prompt(s) outside the judge's "
-                                     f"prompts, e.g. {sorted(leaked)[0]!r}; App. B keeps evaluation prompts out: "
-                                     "generate for `python savila.py --write_prompts FILE`")
-            held = np.random.default_rng(args.seed).random(len(images)) < args.val_frac
-            captions = pool if args.world_captions_only else pool + judge_extra_captions(args.partial)
-            train_images, train_texts = images[~held], [t for t, h in zip(texts, held) if not h]
-            if args.renders:
-                prompts = shapes.judge_train_prompts(args.renders, args.seed + 7)
-                renders = shapes.render_batch([p.spec for p in prompts], images.shape[1], args.seed + 7)
-                train_images = np.concatenate([train_images, renders])
-                train_texts = train_texts + [p.text for p in prompts]
-            labels = pair_labels(train_images, captions)  # App. B: the checker labels every pair
-            print(f"{len(train_images)} training images x {len(captions)} captions, {labels.mean():.2%} of the "
-                  f"pairs labelled yes by the checker")
-            encoder = shapes.laptop_text_encoder(args.text_encoder, device=args.device)
-            init = None
-            if start:  # the architecture is the checkpoint's; only the input zoom may change
-                config = replace(start.config, zoom=args.zoom or start.config.zoom)
-                if (config.image_size, config.text_encoder) != (images.shape[1], args.text_encoder):
-                    raise ValueError(f"{args.init_from} judges {config.image_size}px images with "
-                                     f"{config.text_encoder!r}; these are {images.shape[1]}px with {args.text_encoder!r}")
-                init = start.net.state_dict()
-                print(f"starting from {args.init_from}: {config}")
-            else:
-                config = SavilaConfig(image_size=images.shape[1], text_encoder=args.text_encoder, text_dim=encoder.dim,
-                                      attend=args.attend, channels=args.channels, zoom=args.zoom or 1)
-            t0 = time.perf_counter()
-            near = near_pairs(train_texts, captions)
-            judge, _ = train_judge(train_images, captions, labels, near, config, encoder, args.steps,
-                                   args.batch_size, args.lr, seed=args.seed, device=args.device, rank=args.rank,
-                                   hard=relation_pairs(labels, captions) if args.hard else None,
-                                   hard_weight=args.hard, shift=args.shift, init=init)
-            print(f"trained in {time.perf_counter() - t0:.0f}s")
-            judge.save(args.out, source="synthetic" if args.synthetic else " ".join(args.images), steps=args.steps)
-            print(f"saved {args.out}")
-            val_texts = [t for t, h in zip(texts, held) if h]
-            print(format_report(judge_report(judge, images[held], val_texts, shapes.check_batch(images[held], val_texts)),
-                                "held-out images, each with its prompt"))
-            ev_images, ev_texts = synthetic_set([p for p in shapes.load_eval_prompts() for _ in range(4)],
-                                                seed=args.seed + 1)
-            print(format_report(judge_report(judge, ev_images, ev_texts, shapes.check_batch(ev_images, ev_texts)),
-                                "eval prompts: renders, half the captions wrong"))
-            own = [p for p in pool if p.category == "position"]
-            print(f"flip test on its own position prompts (renders, right vs relation-flipped caption; 0.5 = chance): "
-                  f"{flip_test(judge, own):.3f}")
-        elif args.eval:
-            if not args.images:
-                raise ValueError("--eval needs --images DIR")
-            images, texts = load_images_dirs(args.images)
-            judge = load(args.ckpt, device=args.device, tta=args.tta)
-            labels = shapes.check_batch(images, texts)
-            print(format_report(judge_report(judge, images, texts, labels), " ".join(args.images)))
-            auc = ranking_auc(judge.logits(images, texts), texts, labels)
-            print(f"ranking AUC within each prompt's images: mean {auc.pop('mean'):.3f}  "
-                  + "  ".join(f"{c} {v:.3f}" for c, v in auc.items()))
-        else:
-            parser.print_help()
+        command(args)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,7 @@ Train SANA with rectified flow, the same script from one laptop CPU to torchrun 
 
 The objective (SANA Sec. 2, SANA-1.5 Sec. 3.1, official train_scripts/train.py):
     sigma = shift(sigmoid(N(0, 1)))            logit-normal timesteps, then the flow shift
-    x_t   = (1 - sigma) x0 + sigma noise       x0: latents (or pixels on the laptop)
+    x_t   = (1 - sigma) x0 + sigma noise       x0: DC-AE latents (pixels for a preset without a vae)
     loss  = || model(x_t, 1000 sigma, y) - (noise - x0) ||^2
 with 10% of captions replaced by the empty caption so that classifier-free guidance works at sampling.
 Deviations, on purpose: the timestep stays continuous (official: truncated to an integer) and a dropped
@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import PRESETS, LinearDiT, add_noise, save_model, shift_sigma, vae_factor
+from flow import add_noise, shift_sigma, timestep, velocity_target
+from model import PRESETS, LinearDiT, load_text_encoder, n_params, save_model, use_bf16, vae_factor
 
 # -----------------------------------------------------------------------------
 # defaults: override with a config/*.py file and --key=value (or --key value)
@@ -65,7 +66,6 @@ class TrainConfig:
     batch_size: int = 64  # global batch size: micro_batch_size x world size x accumulation steps
     micro_batch_size: int = 0  # per process and forward pass; 0: batch_size // world size
     max_steps: int = 2000
-    max_minutes: float = 0.0  # stop (and save) after this much training wall time (evaluations excluded); 0: none
     optimizer: str = "came8bit"  # came8bit | came | adamw
     came_bias_correction: bool = False  # divide CAME's instability by 1 - b3^t (not in the paper: came8bit.py)
     lr: float = 1e-4  # official: 1e-4 pre-training, 2e-5 fine-tuning
@@ -80,7 +80,7 @@ class TrainConfig:
     cfg_dropout: float = 0.1  # probability of the empty caption (classifier-free guidance)
     dtype: str = "auto"  # auto (bf16 on GPUs that have it) | bfloat16 | float32
     fsdp: bool = False  # FSDP2: shard every block, then the root (for the 4.8B model)
-    compile: bool = False  # torch.compile (did not pay on CPU: shared/reference/environment.md)
+    compile: bool = False  # torch.compile the model (for GPUs; STYLE: off on a CPU)
     seed: int = 0
     # output
     log_every: int = 10
@@ -166,8 +166,8 @@ def flow_loss(model, batch, y_null, mask_null, step, first_index, cfg, autocast)
     mask = torch.where(drop[:, None], mask_null.expand_as(mask), mask)
     x_t = add_noise(x0, noise, sigma)
     with autocast:
-        v = model(x_t, sigma * 1000.0, y, mask)
-    return F.mse_loss(v.float(), noise - x0)
+        v = model(x_t, timestep(sigma), y, mask)
+    return F.mse_loss(v.float(), velocity_target(x0, noise))
 
 
 def lr_at(step, cfg):
@@ -247,11 +247,11 @@ def make_data(cfg, model_cfg, device="cpu"):
     """The shapes world (its latents encoded on `device`), or a folder of captioned images cached to latents (data.py)."""
     encoder = cfg.text_encoder or model_cfg.text_encoder
     if cfg.data == "shapes":
-        from shapes import ShapesData, laptop_text_encoder
+        from shapes import ShapesData
         if cfg.curriculum_steps < 0 or bool(cfg.curriculum_steps) != bool(cfg.curriculum_weights):
             raise SystemExit("error: a curriculum needs both --curriculum_steps (> 0) and --curriculum_weights "
                              "(a category mix like --shapes_weights), or neither")
-        data = ShapesData(cfg.image_size, cfg.seed, laptop_text_encoder(encoder, model_cfg.text_max_length),
+        data = ShapesData(cfg.image_size, cfg.seed, load_text_encoder(encoder, model_cfg.text_max_length),
                           weights=category_weights(cfg.shapes_weights), curriculum_steps=cfg.curriculum_steps,
                           curriculum_weights=category_weights(cfg.curriculum_weights, "curriculum_weights"))
         if not model_cfg.vae:
@@ -330,6 +330,7 @@ def load_training_state(cfg, rank):
 def evaluate_shapes(raw_model, data, cfg, device, step):
     """Checker score of one sample per eval prompt (Table-2 layout), and a grid PNG."""
     import shapes
+    from flow import make_noise
     from sample import generate, load_decoder
     prompts = shapes.load_eval_prompts()
     if cfg.eval_prompts:
@@ -343,8 +344,7 @@ def evaluate_shapes(raw_model, data, cfg, device, step):
     for i in range(0, len(prompts), 128):
         chunk = prompts[i:i + 128]
         y, mask = data.encoder([p.text for p in chunk])
-        g = torch.Generator().manual_seed(10_000 + i)
-        noise = torch.randn(len(chunk), raw_model.config.in_channels, side, side, generator=g)
+        noise = make_noise((len(chunk), raw_model.config.in_channels, side, side), 10_000 + i)
         x = generate(raw_model, y.to(device), mask.to(device), y_null.to(device), mask_null.to(device),
                      noise.to(device), steps=cfg.eval_steps, cfg=cfg.eval_cfg, shift=cfg.flow_shift, sampler="euler")
         images.append(decode(x).float().clamp(-1, 1).cpu())
@@ -398,6 +398,8 @@ def train(cfg):
     """Run training; returns {"step", "losses": [(step, loss)], "eval": last eval result or None}."""
     rank, _, world, device = setup_distributed()
     print0 = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    if cfg.dtype not in ("auto", "bfloat16", "float32"):
+        raise SystemExit(f"error: --dtype={cfg.dtype}: use auto, bfloat16 or float32")
     if cfg.decay_steps < 0:
         raise SystemExit(f"error: --decay_steps={cfg.decay_steps} must be >= 0 (0: constant lr)")
     if cfg.val_every < 0 or (cfg.val_every and cfg.val_batches < 1):
@@ -409,8 +411,8 @@ def train(cfg):
     if (cfg.batch_size // world) % micro:
         raise SystemExit(f"error: batch_size/world = {cfg.batch_size // world} is not a multiple of micro_batch_size {micro}")
     accum = cfg.batch_size // world // micro  # gradient accumulation steps, derived
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    bf16 = use_bf16(device, cfg.dtype)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     if cfg.fsdp and cfg.ema_decay:
         raise SystemExit("error: EMA with FSDP is not supported (as in the official code); set --ema_decay=0")
 
@@ -449,9 +451,8 @@ def train(cfg):
 
     data = make_data(cfg, raw_model.config, device)
     y_null, mask_null = (t.to(device) for t in data.null())  # the empty caption, for CFG dropout
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    print0(f"model: {n_params / 1e6:.2f}M parameters, depth {raw_model.config.depth}; world {world}, "
-           f"micro-batch {micro} x accumulation {accum} = global batch {cfg.batch_size}; bf16 {use_bf16}")
+    print0(f"model: {n_params(raw_model) / 1e6:.2f}M parameters, depth {raw_model.config.depth}; world {world}, "
+           f"micro-batch {micro} x accumulation {accum} = global batch {cfg.batch_size}; bf16 {bf16}")
     os.makedirs(cfg.out_dir, exist_ok=True)
     log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
     from tqdm import tqdm
@@ -483,11 +484,7 @@ def train(cfg):
         step += 1
         bar.update(1)
 
-        last = step == cfg.max_steps or (cfg.max_minutes > 0 and time.time() - t0 > 60 * cfg.max_minutes)
-        if world > 1 and cfg.max_minutes > 0:  # every rank must agree to stop
-            flag = torch.tensor(float(last), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            last = bool(flag.item())
+        last = step == cfg.max_steps
         if step % cfg.log_every == 0 or last:
             if world > 1:
                 dist.all_reduce(loss_sum)
@@ -516,7 +513,7 @@ def train(cfg):
             t0 += time.time() - t_val
             t_log += time.time() - t_val
         if cfg.eval_every and (step % cfg.eval_every == 0 or last) and cfg.data == "shapes":
-            t_eval = time.time()  # the clocks (--max_minutes, throughput, the log) count training, not evaluation
+            t_eval = time.time()  # the clocks (throughput, the log's minutes) count training, not evaluation
             if rank == 0:
                 result = evaluate_shapes(raw_model, data, cfg, device, step)
                 print0(f"\nstep {step}: checker overall {result['overall']:.3f} " +
@@ -567,7 +564,7 @@ def dry_run(cfg):
     with torch.device("meta"):
         model = LinearDiT(mcfg)
     params = list(model.parameters())
-    P = sum(p.numel() for p in params)
+    P = n_params(model)
     gpus = cfg.gpus
     micro = cfg.micro_batch_size or cfg.batch_size // gpus
     hw = cfg.image_size // vae_factor(mcfg.vae) // mcfg.patch_size  # tokens per side

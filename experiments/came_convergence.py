@@ -2,14 +2,14 @@
 Does 8-bit CAME converge like 32-bit CAME? SANA-1.5 Sec. 2.3 and Fig. 6, on the shapes world.
 
 The paper's claim (Fig. 6): CAME-8bit's loss curve follows 32-bit CAME's and converges faster than AdamW, at
-about 1/8 of AdamW's optimizer memory. This script trains the laptop model (config/shapes.py) for the same
---steps with each optimizer: came8bit (CAME8bit, block-wise 8-bit first moments, Eq. 1), came (the same class
-with quantize=False), adamw (torch.optim.AdamW), and came8bit_bc: CAME-8bit with the optional bias correction of
-its instability statistic (came8bit.py; not in the paper, which the first three follow: they run without it
-whatever the config says). Everything else is shared: seed (so the same initial
-weights), data stream, noise and timesteps (train.py draws them from (seed, step, sample)), batch, schedule and
-one lr for all three. The paper compares at equal settings, so AdamW gets the CAMEs' lr too, not a tuned one of
-its own: its curve says how AdamW does at that lr, not at its best.
+about 1/8 of AdamW's optimizer memory. This script trains the laptop model (config/shapes.py; --preset
+shapes-c4, the shipped model's 8x8x4 latents) for the same --steps with each optimizer: came8bit (CAME8bit,
+block-wise 8-bit first moments, Eq. 1), came (the same class with quantize=False), adamw (torch.optim.AdamW),
+and came8bit_bc: CAME-8bit with the optional bias correction of its instability statistic (came8bit.py; not in
+the paper, which the first three follow: they run without it whatever the config says). Everything else is
+shared: seed (so the same initial weights), data stream, noise and timesteps (train.py draws them from (seed,
+step, sample)), batch, schedule and one lr for all four. The paper compares at equal settings, so AdamW gets
+the CAMEs' lr too, not a tuned one of its own: its curve says how AdamW does at that lr, not at its best.
 
 Measured, per optimizer: the loss curve (log.jsonl), the final loss (mean of the last 10% of logged losses),
 the checker score at the last step, optimizer-state bytes (came8bit.optimizer_state_bytes of a fresh optimizer
@@ -53,7 +53,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/exp_came", help="folder for results and one sub-folder per run")
     p.add_argument("--config", default="config/shapes.py", help="the laptop training settings")
-    p.add_argument("--preset", default="shapes", help="model.PRESETS architecture")
+    p.add_argument("--preset", default="shapes-c4", help="model.PRESETS architecture")
     p.add_argument("--steps", type=int, default=2000, help="training steps of every run")
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated subset of " + ",".join(OPTIMIZERS))
     p.add_argument("--batch_size", type=int, default=None, help="default: the config's (64)")
@@ -169,7 +169,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     given = {k: getattr(args, k) for k in ("batch_size", "lr", "warmup_steps") if getattr(args, k) is not None}
-    base = base_config(args.config, preset=args.preset, seed=args.seed, max_minutes=0.0, max_steps=args.steps,
+    base = base_config(args.config, preset=args.preset, seed=args.seed, max_steps=args.steps,
                        log_every=args.log_every, eval_every=args.steps, eval_prompts=args.eval_prompts,
                        eval_steps=args.eval_steps, save_every=args.steps, progress=not args.quick, **given)
     os.makedirs(args.out, exist_ok=True)

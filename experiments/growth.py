@@ -5,7 +5,8 @@ The paper's claim: a 4.8B model grown from a trained 1.6B one reaches the from-s
 fewer training steps (Fig. 2), and of the three initialisations only partial preservation trains stably (Fig. 7:
 cyclic and block replication go NaN at 4.8B). This script repeats the experiment at laptop scale:
 
-1. small:   the laptop model with --small_depth blocks (4), trained --small_steps steps (S1) from scratch.
+1. small:   the laptop model (--preset shapes-c4: the shipped model's 8x8x4 latents) with --small_depth blocks
+            (4), trained --small_steps steps (S1) from scratch.
 2. grown:   grow.grow() it to --depth blocks (12) with each strategy, then train --grow_steps steps (S2):
             partial (keep the first 4 - drop_last blocks, new blocks identity; --drop_last 2 is the paper's
                      number, of 20 blocks there, so of 4 here it keeps only 2),
@@ -17,9 +18,9 @@ A grown run starts its step count, lr warmup and optimizer state afresh at 0 (tr
 step s sees the same batch as the scratch run's step s, and the small model's (train.py has no data offset).
 
 Compute is counted in 12-block-equivalent steps: a small-model step costs small_depth/depth (4/12) of a
-12-block step (per-step FLOPs scale with the number of blocks: torch's FlopCounterMode counts 0.334 for the
-shapes preset, forward + backward), so grown step s is at S1 * 4/12 + s. The measured training CPU-minutes
-(log.jsonl, checker evaluations left out) are reported next to it, small model included. For each grown run
+12-block step (per-step FLOPs scale with the number of blocks: torch's FlopCounterMode counts 0.336 for the
+shapes-c4 preset at batch 64, forward + backward), so grown step s is at S1 * 4/12 + s. The measured training
+CPU-minutes (log.jsonl, checker evaluations left out) are reported next to it, small model included. For each grown run
 we report the compute at which it first reaches the scratch run's final loss (loss smoothed by a trailing mean
 over --smooth logged losses; the target is the scratch's last smoothed value) and its final checker score
 (evaluated every --eval_every steps), and the saving as a % of the scratch run's compute. "First reaches" is
@@ -67,7 +68,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/exp_growth", help="folder for results and one sub-folder per run")
     p.add_argument("--config", default="config/shapes.py", help="the laptop training settings")
-    p.add_argument("--preset", default="shapes", help="model.PRESETS architecture (its depth is replaced)")
+    p.add_argument("--preset", default="shapes-c4", help="model.PRESETS architecture (its depth is replaced)")
     p.add_argument("--small_depth", type=int, default=4)
     p.add_argument("--depth", type=int, default=12, help="the grown and scratch models' number of blocks")
     p.add_argument("--small_steps", type=int, default=1000, help="S1: the small model's training steps")
@@ -305,7 +306,7 @@ def main(argv=None):
         given["came_bias_correction"] = bool(given["came_bias_correction"])
     # constant lr (decay_steps=0, the official schedule): the small model, the grown ones and scratch stop mid-way
     # at comparable lrs, and "steps to reach scratch's final loss" is not skewed by one run's cool-down
-    base = base_config(args.config, preset=args.preset, seed=args.seed, max_minutes=0.0, decay_steps=0,
+    base = base_config(args.config, preset=args.preset, seed=args.seed, decay_steps=0,
                        log_every=args.log_every,
                        eval_every=args.eval_every, eval_prompts=args.eval_prompts, eval_steps=args.eval_steps,
                        val_every=args.val_every,

@@ -55,10 +55,10 @@ import torch
 
 import shapes
 from experiments.common import final_checkpoint, pyplot, run_once, save_figure, write_json, write_text
-from model import LinearDiT, save_model
-from prune import (PruneConfig, bar_chart, block_importance, calibration_sigmas, finetune, kept_blocks, n_params,
-                   prune, save_bar_png, shapes_calibration, source_train_config)
-from sample import load_decoder, load_text_encoder, sample_images
+from model import LinearDiT, load_text_encoder, n_params, save_model
+from prune import (PruneConfig, bar_chart, block_importance, calibration_sigmas, finetune, kept_blocks, prune,
+                   save_bar_png, shapes_calibration, source_train_config)
+from sample import load_decoder, sample_images
 from train import load_or_exit, make_data, parse_config, validation_loss
 
 PAPER = {"full": 0.693, "prune_2/3": 0.673, "prune_2/3_ft": 0.684, "prune_1/3": 0.571, "prune_1/3_ft": 0.672,
@@ -66,7 +66,7 @@ PAPER = {"full": 0.693, "prune_2/3": 0.673, "prune_2/3_ft": 0.684, "prune_1/3": 
 GOAL = 0.95  # the 2/3 model after fine-tuning keeps >= 95% of the full model's score
 
 # defaults; --quick swaps in the second set (tiny model, few steps) for the test. Explicit flags win over both.
-FULL = dict(train_steps=0, depth=12, preset="shapes", train_batch_size=0, finetune_steps=100, calib_prompts=100,
+FULL = dict(train_steps=0, depth=12, preset="shapes-c4", train_batch_size=0, finetune_steps=100, calib_prompts=100,
             timesteps=10, eval_prompts=0, steps=20)
 QUICK = dict(train_steps=4, depth=6, preset="shapes-tiny", train_batch_size=8, finetune_steps=2, calib_prompts=4,
              timesteps=2, eval_prompts=1, steps=2)
@@ -84,7 +84,7 @@ def parse_args(argv):
     ap.add_argument("--train_steps", type=int, help="> 0: first train a model from scratch (config/shapes.py, "
                                                     "--preset, --depth) for this many steps instead of --ckpt")
     ap.add_argument("--depth", type=int, help="depth of the model --train_steps trains (default 12)")
-    ap.add_argument("--preset", help="architecture --train_steps trains (default shapes)")
+    ap.add_argument("--preset", help="architecture --train_steps trains (default shapes-c4)")
     ap.add_argument("--train_batch_size", type=int, help="batch of the --train_steps run (0: config/shapes.py's)")
     ap.add_argument("--finetune_steps", type=int, help="recovery fine-tune after pruning (default 100, the paper's)")
     ap.add_argument("--finetune_lr", type=float, default=0.0, help="lr of the recovery fine-tune (0: the source's)")
@@ -151,7 +151,7 @@ def trained(tc):
 def train_source(args):
     """--train_steps: a deep model from scratch with the laptop recipe (config/shapes.py) -> its checkpoint."""
     overrides = [f"--out_dir={os.path.join(args.out, 'source')}", f"--preset={args.preset}", f"--depth={args.depth}",
-                 f"--max_steps={args.train_steps}", "--max_minutes=0", "--eval_every=0",
+                 f"--max_steps={args.train_steps}", "--eval_every=0",
                  f"--save_every={args.train_steps}", f"--progress={args.progress}"]
     if args.train_batch_size:
         overrides.append(f"--batch_size={args.train_batch_size}")
@@ -299,7 +299,7 @@ def main(argv=None):
     d = depths["1/3"]
     scratch_steps = round(source_steps * D / d) + args.finetune_steps
     scratch_cfg = dataclasses.replace(tc, out_dir=os.path.join(args.out, f"scratch_{d}"), depth=d, init_from="",
-                                      grow_from="", resume=False, max_steps=scratch_steps, max_minutes=0.0,
+                                      grow_from="", resume=False, max_steps=scratch_steps,
                                       save_every=scratch_steps, eval_every=0, progress=args.progress)
     scratch = LinearDiT.from_pretrained(trained(scratch_cfg))
     scores["scratch_1/3"] = score(scratch, encoder, prompts, args, tc, device)

@@ -52,7 +52,7 @@ def test_latent_data_is_shapes_data_through_the_frozen_encoder():
         return torch.stack([cache[t] for t in texts]), torch.ones(len(texts), 3, dtype=torch.long)
 
     text.dim = 5
-    data = shapes.ShapesData(32, 3, shapes.CaptionCache(text))
+    data = shapes.ShapesData(32, 3, text)
     wrapped = LatentData(data, enc)
     got, ref = wrapped.get_batch(7, 6, 1, 2), data.get_batch(7, 6, 1, 2)
     with torch.no_grad():

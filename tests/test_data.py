@@ -8,7 +8,7 @@ from PIL import Image
 
 from data import CACHE, FolderData, build_cache
 from model import DCAE_PRESETS, DCAEEncoder, DiTConfig, LinearDiT, save_model
-from shapes import build_gemma_tiny
+from conftest import build_tiny_gemma
 from train import TrainConfig, train
 
 
@@ -21,7 +21,7 @@ def folder(tmp_path_factory):
         (root / f"img{i}.txt").write_text(cap)
     torch.manual_seed(0)
     DCAEEncoder(DCAE_PRESETS["shapes-tiny"]).save_pretrained(str(root.parent / "vae.safetensors"))
-    gemma = build_gemma_tiny(root.parent / "gemma")
+    gemma = build_tiny_gemma(root.parent / "gemma")
     meta = build_cache(str(root), str(root.parent / "vae.safetensors"), str(gemma), size=64, max_length=8)
     return root, meta, str(gemma), str(root.parent / "vae.safetensors")
 

@@ -164,7 +164,7 @@ def test_growth_accounting_against_hand_computed_numbers():
 def test_nan_run_is_recorded_and_reused(tmp_path, capsys):
     cfg = common.base_config("config/shapes.py", out_dir=str(tmp_path / "nan"), preset="shapes-tiny", depth=2,
                              batch_size=4, max_steps=4, lr=1e30, optimizer="adamw", warmup_steps=1, log_every=1,
-                             eval_every=0, max_minutes=0.0, progress=False)
+                             eval_every=0, progress=False)
     run = common.run_once(cfg)  # lr 1e30: the first update blows the weights up, step 2's loss is not finite
     assert run["status"] == "nan" and run["nan_step"] == 2 and [s for s, _ in run["losses"]] == [1]
     mtime = os.path.getmtime(tmp_path / "nan" / "run.json")
@@ -181,6 +181,13 @@ def test_nan_run_is_recorded_and_reused(tmp_path, capsys):
 def test_growth_rejects_bad_flags(argv):
     with pytest.raises(SystemExit, match="error:"):
         growth.parse_args(argv)
+
+
+def test_defaults_are_the_laptop_models_latent_space():
+    """Both experiments train config/shapes.py's preset by default: the 4-channel latents of the shipped model."""
+    laptop = common.base_config("config/shapes.py").preset
+    assert laptop == "shapes-c4"
+    assert growth.parse_args([]).preset == came_convergence.parse_args([]).preset == laptop
 
 
 def test_came_rejects_bad_flags():

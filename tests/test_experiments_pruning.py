@@ -1,6 +1,7 @@
 """experiments/pruning.py: the --quick run end to end (tiny model, few steps) and the structure of its outputs."""
 import argparse
 import json
+import os
 
 import numpy as np
 import pytest
@@ -8,8 +9,9 @@ import torch
 from PIL import Image
 
 import shapes
-from experiments.pruning import eval_prompts, main, score
+from experiments.pruning import ROOT, eval_prompts, main, parse_args, score
 from model import PRESETS, LinearDiT, save_model
+from train import parse_config
 
 SCORE_KEYS = ("full", "prune_2/3", "prune_2/3_ft", "prune_1/3", "prune_1/3_ft", "scratch_1/3")
 CATEGORIES = ("overall", "single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -94,6 +96,14 @@ def test_markdown_and_png(run):
     assert img.format == "PNG" and img.size[0] > 100
 
 
+def test_defaults_are_the_laptop_model():
+    """The default source is config/shapes.py's checkpoint, and --train_steps trains that preset (4-channel latents)."""
+    args = parse_args([])
+    assert args.ckpt == "out/shapes/ckpt/model.safetensors" and args.preset == "shapes-c4"
+    laptop = parse_config([f"{ROOT}/config/shapes.py"])
+    assert os.path.join(laptop.out_dir, "ckpt", "model.safetensors") == args.ckpt and laptop.preset == args.preset
+
+
 def test_bad_input_one_line_errors(tmp_path):
     with pytest.raises(SystemExit, match="checkpoint not found"):
         main(["--quick", "--train_steps", "0", "--ckpt", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path)])
@@ -122,6 +132,9 @@ class Oracle(torch.nn.Module):
 
 def fake_encoder(texts):
     return torch.zeros(len(texts), 4, 8), torch.ones(len(texts), 4, dtype=torch.long)
+
+
+fake_encoder.null = lambda: fake_encoder([""])  # the empty caption, as model.load_text_encoder's encoders give it
 
 
 @pytest.mark.parametrize("shuffled", [False, True])

@@ -217,9 +217,9 @@ def test_cli_real_scale_path_with_tiny_gemma(tmp_path, capsys):
     """The real-checkpoint path: Gemma-2 states with the instruction prefix, a prompts file, a VAE-latent
     model, x_t from the model's own trajectory. A 2-layer, 32-wide Gemma-2 stands in for gemma-2-2b-it."""
     pytest.importorskip("tokenizers")
-    from shapes import build_gemma_tiny
+    from conftest import build_tiny_gemma
 
-    gemma = build_gemma_tiny(tmp_path / "gemma")
+    gemma = build_tiny_gemma(tmp_path / "gemma")
     cfg = DiTConfig(in_channels=4, patch_size=1, hidden_size=32, depth=3, linear_head_dim=16, cross_heads=2,
                     caption_channels=32, qk_norm=True, text_max_length=12)  # default: gemma-2-2b-it, DC-AE
     ckpt, out, prompts = tmp_path / "m.safetensors", tmp_path / "p.safetensors", tmp_path / "prompts.txt"

@@ -11,7 +11,8 @@ import sample
 import savila
 import shapes
 from model import PRESETS, DiTConfig, LinearDiT, TextEncoder, save_model
-from sample import flow_sigmas, generate, guided_velocity
+from flow import sigma_grid
+from sample import generate, guided_velocity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +36,7 @@ def null_text(B=2, L=3, D=4):
 def test_sampler_lands_on_the_exact_endpoint_of_a_straight_field(sampler):
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
-    s0 = flow_sigmas(10, 3.0)[0].item()
+    s0 = sigma_grid(10, 3.0)[0].item()
     x_start = (1 - s0) * x0 + s0 * noise  # on the path at the first sigma
     y, m, yn, mn = null_text()
     out = generate(StraightField(x0), y, m, yn, mn, x_start, steps=10, cfg=4.5, shift=3.0, sampler=sampler)
@@ -93,8 +94,8 @@ def test_guidance_touches_every_channel():
 
 
 def test_gemma_text_path_with_instruction_slicing(tmp_path):
-    from shapes import build_gemma_tiny
-    folder = build_gemma_tiny(tmp_path / "gemma")
+    from conftest import build_tiny_gemma
+    folder = build_tiny_gemma(tmp_path / "gemma")
     chi = "given a user prompt describe a photo of a circle: "  # words the tiny vocabulary knows
     enc = TextEncoder(str(folder), max_length=8, chi_prompt=chi)
     y, mask = enc(["a photo of a red circle", "a photo of two squares"])

