@@ -17,12 +17,22 @@ Every judge here is a callable judge(images, prompt) -> [(said_yes, confidence),
 - Ensemble: several SaVILA-tiny judges, their logits averaged (the shipped judge is two: one at the image's
   size, one that sees it enlarged 2x).
 
-Train and evaluate (the shipped judges' full recipe, with times: README, "Reproduce every figure"):
+The shipped judges' recipe (App. B): images of judge-training prompts by the shipped DiT, decoded by its
+autoencoder before the decoder stage (ABLATIONS.md), labelled by the checker; each judge trained on 8000 images
+and 8000 renders, then fine-tuned on 20000 images (2-core CPU: 2 x 6 min sampling, 23 + 9 min, zoomed 50 + 27 min):
 
-    python savila.py --write_prompts out/judge_prompts.txt --n 2000     # judge-training prompts, no eval prompt
-    python sample.py --prompts out/judge_prompts.txt --num_samples 4 --out out/judge_images --seed 1
+    git show 848831f:weights/shapes_ae_c4.safetensors > out/ae_stage2.safetensors
+    python savila.py --write_prompts out/judge_prompts.txt --n 2000    # judge-training prompts, no eval prompt
+    python sample.py --prompts out/judge_prompts.txt --num_samples 4 --seed 1 --vae out/ae_stage2.safetensors \
+        --out out/judge_images
+    python savila.py --write_prompts out/judge_prompts3.txt --n 3000 --seed 5 \
+        --categories two_object,counting,position,color_attr
+    python sample.py --prompts out/judge_prompts3.txt --num_samples 4 --seed 3 --vae out/ae_stage2.safetensors \
+        --out out/judge_images3
     python savila.py --train --images out/judge_images --renders 8000 --hard --attend 2 --partial --steps 3000 \
         --seed 1 --out out/savila_stage1.safetensors                  # add --zoom 2 for the second judge
+    python savila.py --train --images out/judge_images out/judge_images3 --renders 8000 --hard --partial \
+        --steps 1000 --lr 3e-4 --seed 1 --init_from out/savila_stage1.safetensors --out out/savila_tiny.safetensors
     python savila.py --eval --images DIR --ckpt weights/savila_tiny.safetensors,weights/savila_tiny_zoom.safetensors
     python savila.py --train --synthetic --n 4000   # a quick start before a DiT exists: renders + wrong captions
 

@@ -18,12 +18,12 @@ within 2%) and of AdamW / CAME-32. Since all runs see identical batches and nois
 optimizers, not two draws of the data. Outputs in --out: results.json, results.md (README table with the
 command), came.png (loss against step, like Fig. 6), and one folder per run.
 
-    python experiments/came_convergence.py --out out/exp_came --steps 800 --threads 1   # the README figure
+    python experiments/came_convergence.py --out out/exp_came --steps 800 --threads 1 --lr 2e-3   # the README figure
     python experiments/came_convergence.py --out /tmp/c --quick        # seconds: tiny preset (tests)
 
-Time, measured: `--steps 800 --threads 1` took 17.7 training minutes for the three runs (0.42-0.47 s per step
-on one thread of this 2-core CPU with another job beside it) plus a few seconds of scoring each; the default
-2000 steps take ~2.5x that.
+Time: the README figure's command takes 48.5 min of wall time on a 2-core CPU shared with other jobs: 46.8
+training minutes for the four runs (0.76-1.03 s per step on one thread; the report's "train min" column) and
+under half a minute of checker scoring each; the default 2000 steps take ~2.5x that.
 Interrupted? Run the same command again: each run has its own folder under --out, and a run whose final
 checkpoint (and run.json) is there with the same settings is reused, not retrained; an unfinished one restarts.
 """

@@ -29,14 +29,14 @@ smooth over 100 steps. A run whose loss goes NaN is recorded as such. Outputs in
 results.md (README table with the command), growth.png (loss and checker score against 12-block-equivalent
 steps, like Fig. 2/7), and one folder per run.
 
-    python experiments/growth.py --out out/exp_growth            # the README figure
+    python experiments/growth.py --out out/exp_growth12 --small_depth 4 --depth 12 --small_steps 500 \
+        --grow_steps 500 --val_every 25 --jobs 2 --threads 1     # the README figure
     python experiments/growth.py --out /tmp/g --quick            # seconds: tiny preset, a few steps (tests)
 
-Time, an estimate (not run end to end; --quick takes ~25 s but says little about the real model): the 6-block
-laptop model takes ~0.9 s per step at batch 64 on one unloaded core (NOTES.md), so ~0.6 s per 4-block and
-~1.6 s per 12-block step; the defaults then cost ~10 + 53 + 3 x 27 min of training plus ~10 min of checker
-evaluations, about 2.5 hours. On a shared machine (load 3 on 2 cores) we measured 1.9 s and 3.5-5 s per step:
-twice that, or more.
+Time: the README figure's command takes 61 min of wall time on a 2-core CPU shared with other jobs. Training
+minutes (results.json, one thread per run): small 5.5, scratch 27.9 (1.7 s per 12-block step), grown 5.8-11.6
+each, plus 8 min of checker scoring and validation; with --jobs 2 scratch trains beside the small model, then the
+grown runs one after another. The defaults (1000 + 1000 steps) train twice as many steps: about twice that.
 Interrupted? Run the same command again: each run has its own folder under --out, and a run whose final
 checkpoint (and run.json) is there with the same settings is reused, not retrained; an unfinished one restarts.
 """

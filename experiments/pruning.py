@@ -1,8 +1,9 @@
 """
 The depth-pruning experiment on the shapes world: SANA-1.5's Table 3 and Fig. 5 in miniature (Sec. 2.4, 3.3).
 
-    python experiments/pruning.py --ckpt out/shapes/ckpt/model.safetensors --out out/exp_prune
-    python experiments/pruning.py --train_steps 2000 --out out/exp_prune     # first train a 12-block model
+    python train.py config/shapes.py                                          # the default --ckpt: 6 blocks
+    python experiments/pruning.py --out out/exp_prune --finetune_lr 5e-4      # the README table
+    python experiments/pruning.py --train_steps 2000 --out out/exp_prune      # first train a 12-block model
     python experiments/pruning.py --quick --out /tmp/exp_prune                # the test's smoke run (~30 s)
 
 What it measures. A deep trained model (depth D) gets its block importance (Eq. 3, prune.block_importance over
@@ -30,13 +31,11 @@ importance.png (matplotlib if installed, else prune.py's PIL chart), and the run
 finetune_<d>/ with pruned.safetensors, scratch_<d>/). A second run with the same settings reuses the finished
 source/ and scratch_<d>/ runs (experiments/common.run_once) and redoes the rest.
 
-Time on the 2-core laptop, an ESTIMATE (the full experiment was not run): --quick takes 20-45 s on a loaded
-machine; on one thread under load a `shapes` training step (batch 64) took 3.6 s at 12 blocks, 1.2 s at 4, and
-scoring one model (89 prompts x 4 images, 20 steps with guidance) 4.3 min at 12 blocks, 1.5 min at 4. From a
-12-block model trained S steps: six scores ~15 min, two fine-tunes ~6 min, and the scratch model (3 S + 100 steps
-of 4 blocks) about as long as the big model's own training (same compute): S = 2000 -> ~2 h 30 min under that
-load, roughly half on an idle machine; --train_steps 2000 adds the big model's ~2 h. From the default 6-block
-checkpoint (pruned to 4 and 2): scores ~8 min, fine-tunes ~3 min, scratch ~ the checkpoint's training time.
+Time on a 2-core CPU shared with other jobs, one thread (OMP_NUM_THREADS=1): `python train.py config/shapes.py`
+took 13.7 min, and the README table's command on its checkpoint 19.0 min (results.json "minutes": importance
+0.1, scoring the full model 0.4, each pruned depth's two scores and fine-tune 0.7-1.0, the 6100-step 2-block
+scratch model and its score 16.7). --quick takes 20-45 s. A deeper source costs more in proportion: its scratch
+model trains as many block-steps as the source did, and a score or a fine-tune step scales with the depth.
 """
 
 import argparse
