@@ -288,6 +288,8 @@ def main(argv):
                          "config/shapes.py) or pass --ckpt")
     if cfg.calib_prompts <= 0 or cfg.timesteps <= 0 or cfg.batch_size <= 0 or cfg.finetune_steps < 0:
         raise SystemExit("error: --calib_prompts, --timesteps and --batch_size must be > 0, --finetune_steps >= 0")
+    if cfg.dtype not in ("auto", "bfloat16", "float32"):
+        raise SystemExit(f"error: --dtype={cfg.dtype}: use auto, bfloat16 or float32")
     if cfg.prompts and not os.path.isfile(cfg.prompts):
         raise SystemExit(f"error: calibration prompts file not found: {cfg.prompts}")
     model = load_or_exit(cfg.ckpt)
@@ -305,8 +307,6 @@ def main(argv):
         raise SystemExit("error: this model needs calibration prompts: pass --prompts FILE (one prompt a line; "
                          "the paper uses 100 diverse prompts)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.dtype not in ("auto", "bfloat16", "float32"):
-        raise SystemExit(f"error: --dtype={cfg.dtype}: use auto, bfloat16 or float32")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(device, cfg.dtype) else None
     model.to(device).eval()
 
