@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 import shapes
-from model import DCAE_PRESETS, DCAEDecoder, DCAEEncoder, local_path, n_params, save_safetensors
+from model import (DCAE_PRESETS, ArgumentParser, DCAEDecoder, DCAEEncoder, check_flags, local_path, n_params,
+                   save_safetensors)
 
 DEFAULT_OUT = {"shapes-c4": "out/shapes_ae_c4.safetensors", "shapes": "out/shapes_ae.safetensors"}  # never weights/
 
@@ -160,7 +161,7 @@ def save_autoencoder(enc, dec, path, **meta):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="", help="the .safetensors to write (both halves); default: "
                     "out/<preset's name>.safetensors")
     ap.add_argument("--preset", default="shapes-c4", choices=[k for k in DCAE_PRESETS if k != "dc-ae-f32c32"],
@@ -178,10 +179,12 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="renders, initial weights")
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
     args = ap.parse_args(argv)
-    if min(args.steps, args.batch_size, args.calib_images, args.image_size) < 1 or args.lr <= 0:
-        raise SystemExit("error: --steps, --batch_size, --calib_images and --image_size must be >= 1, --lr > 0")
-    if args.decoder_steps < 0 or args.decoder_noise < 0 or (args.init and not args.decoder_steps):
-        raise SystemExit("error: --decoder_steps and --decoder_noise must be >= 0, and --from needs --decoder_steps >= 1")
+    check_flags(vars(args), [(f, lambda v: v >= 1, "must be an integer >= 1") for f in (
+        "steps", "batch_size", "calib_images", "image_size")] + [(f, lambda v: v >= 0, "must be >= 0") for f in (
+            "decoder_steps", "decoder_noise", "latent_channels", "seed", "threads")] + [
+        ("lr", lambda v: v > 0, "the learning rate must be a finite number > 0")])
+    if args.init and not args.decoder_steps:
+        raise SystemExit("error: --from fine-tunes the decoder: it needs --decoder_steps >= 1")
     config = DCAE_PRESETS[args.preset]
     args.out = args.out or DEFAULT_OUT.get(args.preset, "")
     if not args.out:

@@ -11,10 +11,15 @@ deterministically, as the official code does. Each caption goes through the text
 instruction prefix (Gemma-2), and only its real tokens are kept. Everything lands in
 folder/.nanosana_cache/shard_*.safetensors, so training never runs the autoencoder or Gemma (the official
 advice for large images, NVlabs/Sana#270). Simplification: one square size, no aspect-ratio buckets.
+
+The cache records what it was built from: the settings (vae, text encoder, size, caption length) and, per shard,
+each image's name, byte size and mtime and its caption's hash. Rerunning data.py re-encodes exactly the shards
+whose sources changed; train.py refuses a cache that no longer matches the folder. An image that does not read
+stops the run with its name; the shards encoded before it are kept.
 """
 
-import argparse
 import glob
+import hashlib
 import json
 import os
 
@@ -22,7 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from model import DCAEEncoder, atomic_save_file, load_text_encoder, resolve
+from model import ArgumentParser, DCAEEncoder, atomic_save_file, check_flags, load_text_encoder, resolve
 
 CACHE = ".nanosana_cache"
 SHARD = 256  # items per cache file
@@ -44,10 +49,24 @@ def list_pairs(folder):
     return pairs
 
 
+def sources(pairs):
+    """What a cache entry was encoded from: [name, bytes, mtime_ns, caption hash] per pair."""
+    return [[os.path.basename(p), os.stat(p).st_size, os.stat(p).st_mtime_ns, hashlib.sha1(c.encode()).hexdigest()[:16]]
+            for p, c in pairs]
+
+
+def fingerprint(settings, pairs):
+    return hashlib.sha1(json.dumps([settings, sources(pairs)]).encode()).hexdigest()
+
+
 def load_image(path, size):
-    """-> float (3, size, size) in [-1, 1]: resize to cover, center crop."""
+    """-> float (3, size, size) in [-1, 1]: resize to cover, center crop. A file that does not read: its name."""
     from PIL import Image
-    im = Image.open(path).convert("RGB")
+    try:
+        im = Image.open(path).convert("RGB")
+    except (OSError, ValueError) as e:  # PIL: unknown format, truncated data
+        raise SystemExit(f"error: image {path} does not read ({e}); fix or remove it and its caption, then rerun "
+                         f"(the shards encoded so far are kept)") from None
     s = size / min(im.size)
     im = im.resize((max(size, round(im.width * s)), max(size, round(im.height * s))), Image.BICUBIC)
     left, top = (im.width - size) // 2, (im.height - size) // 2
@@ -57,15 +76,22 @@ def load_image(path, size):
 
 @torch.no_grad()
 def build_cache(folder, vae, text_encoder, size=1024, max_length=300, device="cpu", batch_size=8):
-    """Encode every pair once into shards; existing shards are kept (rerun after adding images: delete the cache)."""
+    """Encode every pair into shards of SHARD pairs; a shard whose sources and settings are unchanged is kept."""
     pairs = list_pairs(folder)
     out = os.path.join(folder, CACHE)
     os.makedirs(out, exist_ok=True)
+    settings = {"vae": vae, "text_encoder": text_encoder, "size": size, "max_length": max_length}
     enc = DCAEEncoder.from_pretrained(resolve(vae)).to(device).eval()
+    factor = 2 ** (len(enc.config.widths) - 1)
+    if size % factor:
+        raise SystemExit(f"error: --size {size} must be a multiple of the autoencoder's factor {factor}")
     text = load_text_encoder(text_encoder, max_length, device)  # Gemma-2 with SANA's instruction prefix
-    for s in range(0, len(pairs), SHARD):
-        path = os.path.join(out, f"shard_{s // SHARD:05d}.safetensors")
-        if os.path.exists(path):
+    shards = [os.path.join(out, f"shard_{s // SHARD:05d}.safetensors") for s in range(0, len(pairs), SHARD)]
+    for old in set(glob.glob(os.path.join(out, "shard_*.safetensors"))) - set(shards):
+        os.remove(old)  # images were removed: fewer shards now
+    for s, path in zip(range(0, len(pairs), SHARD), shards):
+        stamp = fingerprint(settings, pairs[s:s + SHARD])
+        if os.path.exists(path) and shard_stamp(path) == stamp:
             continue
         tensors = {}
         for b in range(s, min(s + SHARD, len(pairs)), batch_size):
@@ -77,13 +103,18 @@ def build_cache(folder, vae, text_encoder, size=1024, max_length=300, device="cp
                 n = int(mi.sum())  # right padding: the real tokens come first
                 tensors[f"{b + i}.latent"] = zi.float().cpu()
                 tensors[f"{b + i}.text"] = yi[:n].to(torch.bfloat16).cpu()  # bf16 halves the cache
-        atomic_save_file(tensors, path)
+        atomic_save_file(tensors, path, {"sources": stamp})
     null_y, null_mask = text.null()
-    meta = {"n": len(pairs), "size": size, "vae": vae, "text_encoder": text_encoder, "max_length": max_length,
-            "text_dim": text.dim}
+    meta = {"n": len(pairs), **settings, "text_dim": text.dim, "sources": fingerprint(settings, pairs)}
     atomic_save_file({"null.text": null_y[0, :int(null_mask.sum())].to(torch.bfloat16).cpu()},
                      os.path.join(out, "null.safetensors"), {"meta": json.dumps(meta)})
     return meta
+
+
+def shard_stamp(path):
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return (f.metadata() or {}).get("sources")
 
 
 class FolderData:
@@ -99,6 +130,11 @@ class FolderData:
         from safetensors import safe_open
         with safe_open(null, "pt") as f:
             self.meta = json.loads(f.metadata()["meta"])
+        settings = {k: self.meta.get(k) for k in ("vae", "text_encoder", "size", "max_length")}
+        if self.meta.get("sources") != fingerprint(settings, list_pairs(folder)):
+            raise SystemExit(f"error: the cache in {cache} was encoded from other images or captions than {folder} "
+                             f"holds now; encode again: python data.py --folder {folder} --vae {self.meta['vae']} "
+                             f"--text_encoder {self.meta['text_encoder']} --size {self.meta['size']}")
         self.items = {}
         for path in sorted(glob.glob(os.path.join(cache, "shard_*.safetensors"))):
             self.items.update(load_file(path))
@@ -129,7 +165,7 @@ class FolderData:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Encode a folder of name.jpg + name.txt pairs for train.py --data")
+    ap = ArgumentParser(description="Encode a folder of name.jpg + name.txt pairs for train.py --data")
     ap.add_argument("--folder", required=True, help="the images and their .txt captions; the cache goes inside")
     ap.add_argument("--vae", required=True, help="a DC-AE folder (diffusers AutoencoderDC) or our .safetensors")
     ap.add_argument("--text_encoder", required=True, help="a transformers folder (Gemma-2-2B-IT at real scale)")
@@ -137,4 +173,5 @@ if __name__ == "__main__":
     ap.add_argument("--max_length", type=int, default=300, help="caption tokens (SANA: 300)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, ...")
     a = ap.parse_args()
+    check_flags(vars(a), [(n, lambda v: v >= 1, "must be an integer >= 1") for n in ("size", "max_length")])
     print(build_cache(a.folder, a.vae, a.text_encoder, a.size, a.max_length, a.device))

@@ -28,9 +28,13 @@ Deviations from the official code, on purpose, and where the official code and d
   checkpoint's own code used (config.cross_norm_eps), so both load with exact numerics.
 """
 
+import argparse
 import json
 import math
 import os
+import pickle
+import sys
+import tempfile
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -387,6 +391,7 @@ class LinearDiT(nn.Module):
         """Load our checkpoint, an official SANA checkpoint or a diffusers folder (see module docstring); the config
         is the one inferred from the checkpoint unless given. dtype=None keeps the checkpoint's own dtype."""
         sd, cfg, meta = read_dit_checkpoint(path)
+        check_finite(sd, path)
         sd = {k: v.to(dtype) if dtype else v for k, v in sd.items()}
         with torch.device("meta"):  # no init work, no memory: every tensor comes from the checkpoint
             model = cls(config or cfg)
@@ -679,7 +684,7 @@ class _DCAEHalf(nn.Module):
             weights = path
         else:
             raise FileNotFoundError(f"no such checkpoint file or folder: {path}")
-        state_dict = load_file(weights)
+        state_dict = read_file(weights)[0]
         ours = {k[len(cls.prefix):]: v.float() for k, v in state_dict.items() if k.startswith(cls.prefix)}
         if not ours:
             raise ValueError(f"checkpoint does not fit {cls.__name__}: {weights} has no '{cls.prefix}*' keys "
@@ -780,6 +785,33 @@ def local_path(path):
     if path and not os.path.isabs(path) and not os.path.exists(path) and os.path.exists(os.path.join(REPO, path)):
         return os.path.join(REPO, path)
     return path
+
+
+def read_file(path):
+    """-> (tensors, metadata) of a .safetensors file, or (the object, {}) of a .pth/.pt/.bin (torch.load with
+    weights_only=True). Every checkpoint kind of every script is read here, so a file that does not read (empty,
+    truncated, another format, a pickle of arbitrary objects) gives one ValueError naming it. Never load a file
+    you did not make with weights_only=False: unpickling can run code."""
+    path = os.fspath(path)
+    try:
+        if path.endswith(".safetensors"):
+            with safe_open(path, "pt") as f:
+                meta = f.metadata() or {}
+            return load_file(path), meta
+        return torch.load(path, map_location="cpu", weights_only=True), {}
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} holds Python objects besides tensors, which a safe load refuses; save a plain "
+                         f"dict of tensors (torch.save(model.state_dict(), path)) or a .safetensors file") from None
+    except Exception as e:
+        what = "is empty" if os.path.getsize(path) == 0 else f"does not read ({type(e).__name__}: {str(e).splitlines()[0][:100]})"
+        raise ValueError(f"{path} {what}: truncated, or not a checkpoint; copy or save it again") from None
+
+
+def check_finite(sd, path):
+    """A NaN or inf weight makes every output NaN (black images); say which tensor, instead of sampling them."""
+    bad = next((k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ValueError(f"{path}: tensor '{bad}' holds NaN or inf (a diverged run); use an earlier checkpoint")
 
 
 def atomic_save_file(tensors, path, metadata=None):
@@ -891,7 +923,7 @@ def read_safetensors_dir(folder, stem):
     files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else [f"{stem}.safetensors"]
     sd = {}
     for f in files:
-        sd.update(load_file(os.path.join(folder, f)))
+        sd.update(read_file(os.path.join(folder, f))[0])
     return sd
 
 
@@ -908,20 +940,21 @@ def read_dit_checkpoint(path):
         sd = official_from_diffusers(read_safetensors_dir(folder, "diffusion_pytorch_model"))
         return sd, config_from_diffusers(json.load(open(cfg_file))), {"layout": "diffusers"}
     if path.endswith(".safetensors"):
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-        sd = load_file(path)
+        sd, meta = read_file(path)
         if meta.get("format") == "nanosana":
             return sd, config_from_dict(json.loads(meta["config"])), meta
     elif path.endswith((".pth", ".pt", ".bin")):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj, _ = read_file(path)
         sd, meta = (obj.get("state_dict", obj) if isinstance(obj, dict) else None), {"layout": "official"}
-        if not isinstance(sd, dict):
+        if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
             raise ValueError(f"{path} holds no state dict; expected an official SANA .pth with 'state_dict'")
     else:
         raise ValueError(f"unknown checkpoint type '{path}': expected .safetensors, .pth or a diffusers folder")
     sd = {k: v for k, v in sd.items() if k not in OFFICIAL_DROPPED}
-    return sd, config_from_official(sd), {"layout": "official"}
+    try:
+        return sd, config_from_official(sd), {"layout": "official"}
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 # diffusers layout of the DC-AE (AutoencoderDC): its constructor defaults, which a config.json omits
@@ -1114,6 +1147,39 @@ def load_text_encoder(name, max_length, device="cpu", dtype=torch.float32):
 def n_params(module):
     """Number of parameters (works on a meta-device module: nothing is allocated)."""
     return sum(p.numel() for p in module.parameters())
+
+
+def usage_error(message):
+    """A flag the script cannot run with: one line on stderr and exit code 2 (argparse's code for bad usage),
+    before any work is done."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_flags(values, rules):
+    """rules: (flag, allowed(value) -> bool, what is allowed). A number must also be finite: NaN passes no
+    comparison, but inf passes "> 0". None (a flag left at "the checkpoint's own value") is not checked."""
+    for name, allowed, what in rules:
+        v = values[name]
+        finite = not isinstance(v, float) or math.isfinite(v)
+        if v is not None and not (finite and allowed(v)):
+            usage_error(f"--{name}={v}: {what}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a malformed flag (unknown, missing value, not a number) as one line too, like check_flags."""
+
+    def error(self, message):
+        usage_error(f"{message} (see {self.prog} --help)")
+
+
+def writable_or_exit(folder, flag):
+    """A folder the results go to, made and written to once, so that it fails before the work, not after."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise SystemExit(f"error: {flag} {folder} is not a writable folder ({e.strerror}); choose another") from None
 
 
 def use_bf16(device, dtype="auto"):

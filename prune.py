@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from flow import add_noise, make_noise, sigma_grid, step, timestep
-from model import (LinearDiT, load_text_encoder, local_path, n_params, save_model, use_bf16,
-                   vae_factor)
+from model import (LinearDiT, check_flags, load_text_encoder, local_path, n_params, save_model, usage_error,
+                   use_bf16, vae_factor, writable_or_exit)
 from train import TrainConfig, load_or_exit, parse_config
 
 # -----------------------------------------------------------------------------
@@ -66,7 +66,15 @@ class PruneConfig:
     finetune_steps: int = 0  # recovery fine-tune through train.py (the paper: 100)
     finetune_lr: float = 0.0  # 0: the checkpoint's training lr
     finetune_warmup: int = 10
+    overwrite: bool = False  # replace --out (and its fine-tune folder) if they hold an earlier result
     progress: bool = True
+
+
+# every number, checked before the model loads: (flag, allowed, what is allowed); NaN and inf never pass
+FLAG_RULES = [(n, lambda v: v >= 1, "must be an integer >= 1") for n in ("calib_prompts", "timesteps", "batch_size")] + [
+    (n, lambda v: v >= 0, "must be an integer >= 0") for n in ("image_size", "seed", "finetune_steps", "finetune_warmup")] + [
+    ("flow_shift", lambda v: v >= 0, "must be a finite number >= 0 (0: the checkpoint's)"),
+    ("finetune_lr", lambda v: v >= 0, "must be a finite number >= 0 (0: the checkpoint's)")]
 
 
 # -----------------------------------------------------------------------------
@@ -275,21 +283,27 @@ def finetune(cfg, tc, init_path, run_dir):
                              decay_steps=cfg.finetune_steps if tc.decay_steps else 0,  # the source's cool-down, shortened
                              warmup_steps=cfg.finetune_warmup, data=cfg.data or tc.data,
                              image_size=cfg.image_size or tc.image_size, text_encoder=cfg.text_encoder or tc.text_encoder,
-                             progress=cfg.progress)
+                             overwrite=cfg.overwrite, progress=cfg.progress)
     result = train(ft)
     return LinearDiT.from_pretrained(os.path.join(run_dir, "ckpt", "model.safetensors")), result
 
 
 def main(argv):
     cfg = parse_config(argv, PruneConfig)
+    check_flags(dataclasses.asdict(cfg), FLAG_RULES)
+    if cfg.dtype not in ("auto", "bfloat16", "float32"):
+        usage_error(f"--dtype={cfg.dtype}: use auto, bfloat16 or float32")
     keep = parse_keep(cfg.keep)
     if not os.path.exists(cfg.ckpt):
         raise SystemExit(f"error: checkpoint not found: {cfg.ckpt}; train one first (python train.py "
                          "config/shapes.py) or pass --ckpt")
-    if cfg.calib_prompts <= 0 or cfg.timesteps <= 0 or cfg.batch_size <= 0 or cfg.finetune_steps < 0:
-        raise SystemExit("error: --calib_prompts, --timesteps and --batch_size must be > 0, --finetune_steps >= 0")
-    if cfg.dtype not in ("auto", "bfloat16", "float32"):
-        raise SystemExit(f"error: --dtype={cfg.dtype}: use auto, bfloat16 or float32")
+    stem = os.path.splitext(cfg.out)[0]
+    earlier = [p for p in (cfg.out, f"{stem}_finetune") if os.path.exists(p)] if cfg.finetune_steps else (
+        [cfg.out] if os.path.exists(cfg.out) else [])
+    if earlier and not cfg.overwrite:
+        raise SystemExit(f"error: {earlier[0]} holds an earlier result; pass --overwrite to replace it or choose "
+                         f"another --out")
+    writable_or_exit(os.path.dirname(os.path.abspath(cfg.out)), "the folder of --out")
     if cfg.prompts and not os.path.isfile(cfg.prompts):
         raise SystemExit(f"error: calibration prompts file not found: {cfg.prompts}")
     model = load_or_exit(cfg.ckpt)
@@ -330,8 +344,6 @@ def main(argv):
     print(f"pruned blocks: {[i for i in range(depth) if i not in kept]}; kept: {kept}")
     print(f"parameters: {n_params(model) / 1e6:.2f}M -> {n_params(pruned) / 1e6:.2f}M "
           f"({100 * n_params(pruned) / n_params(model):.1f}%), depth {depth} -> {len(kept)}")
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    stem = os.path.splitext(cfg.out)[0]
     save_bar_png(importance, kept, f"{stem}_importance.png", f"block importance, {os.path.basename(cfg.ckpt)}")
     meta = {"pruned_from": cfg.ckpt, "kept_blocks": kept, "block_importance": importance.tolist(),
             "finetune_steps": cfg.finetune_steps}

@@ -16,7 +16,6 @@ Text-to-image sampling with SANA's flow samplers, and best-of-N inference scalin
         --size 1024 --prompt "a cyberpunk cat" --best_of 8 --judge <NVILA or any HF VLM folder>
 """
 
-import argparse
 import json
 import os
 import time
@@ -28,7 +27,8 @@ from tqdm import tqdm
 import savila
 import shapes
 from flow import SAMPLERS, integrate, make_noise, timestep
-from model import DCAEDecoder, LinearDiT, load_text_encoder, resolve, use_bf16
+from model import (ArgumentParser, DCAEDecoder, LinearDiT, check_flags, load_text_encoder, resolve, use_bf16,
+                   writable_or_exit)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CKPT = os.path.join(ROOT, "weights", "shapes.safetensors")  # the shipped laptop model
@@ -61,12 +61,19 @@ def generate(model, y, mask, y_null, mask_null, noise, steps=20, cfg=4.5, shift=
 # loading the decoder (the model and its text encoder load through model.py)
 
 
-def load_decoder(vae, device):
+def load_decoder(vae, device, channels=None):
     """-> (decode, factor): latents -> images in [-1, 1] with the DC-AE (divide by its scaling factor first) and
-    its spatial factor (32 for SANA's f32c32), or the identity and 1 in pixel space."""
+    its spatial factor (32 for SANA's f32c32), or the identity and 1 in pixel space. A decoder for other than
+    `channels`-channel latents is refused here, before anything is sampled."""
     if not vae:
         return (lambda x: x), 1
-    dec = DCAEDecoder.from_pretrained(resolve(vae)).to(device).eval()
+    try:
+        dec = DCAEDecoder.from_pretrained(resolve(vae)).to(device).eval()
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if channels is not None and dec.config.latent_channels != channels:
+        raise SystemExit(f"error: the autoencoder {vae} decodes {dec.config.latent_channels}-channel latents and the "
+                         f"model makes {channels}-channel ones: pass the model's own --vae")
     return (lambda z: dec(z / dec.scaling_factor)), 2 ** (len(dec.config.widths) - 1)
 
 
@@ -278,7 +285,7 @@ def plot_curve(rows, path):
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Sample images from a SANA checkpoint, optionally best-of-N with a judge.")
+    ap = ArgumentParser(description="Sample images from a SANA checkpoint, optionally best-of-N with a judge.")
     ap.add_argument("--ckpt", default=DEFAULT_CKPT, help="ours (.safetensors), official .pth, or a diffusers folder/hub id")
     ap.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     ap.add_argument("--prompts", help="a text file, one prompt per line")
@@ -307,9 +314,12 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
     ap.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bar")
     args = ap.parse_args(argv)
-    for name in ("num_samples", "best_of", "keep", "batch_size"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name} must be >= 1")
+    check_flags(vars(args), [(name, lambda v: v >= 1, "must be an integer >= 1")
+                             for name in ("num_samples", "best_of", "keep", "batch_size", "steps", "size")] + [
+        ("cfg", lambda v: v >= 0, "the guidance scale must be a finite number >= 0 (1: no guidance)"),
+        ("shift", lambda v: v > 0, "the flow shift must be a finite number > 0"),
+        ("seed", lambda v: v >= 0, "must be an integer >= 0"),
+        ("safety_threshold", lambda v: 0 <= v <= 1, "a probability: between 0 and 1")])
     if args.keep > args.best_of:
         raise SystemExit(f"error: --keep {args.keep} > --best_of {args.best_of}: the tournament keeps K of N")
     if args.curve and not args.eval:
@@ -342,9 +352,9 @@ def load_pipeline(args, device, dtype):
     trained = json.loads(getattr(model, "meta", {}).get("train_config", "{}"))
     args.size = args.size or trained.get("image_size") or (1024 if c.vae else 32)
     args.shift = args.shift or trained.get("flow_shift") or 3.0
-    args.steps, args.cfg = args.steps or 20, args.cfg if args.cfg is not None else 4.5
+    args.steps, args.cfg = args.steps or 20, args.cfg if args.cfg is not None else 4.5  # None: not given
     encoder = load_text_encoder(args.text_encoder or c.text_encoder, c.text_max_length, device)
-    decoder = load_decoder(c.vae if args.vae is None else args.vae, device)
+    decoder = load_decoder(c.vae if args.vae is None else args.vae, device, c.in_channels)
     if args.size % (decoder[1] * c.patch_size):
         raise SystemExit(f"error: --size {args.size} must be a multiple of {decoder[1] * c.patch_size} "
                          f"(autoencoder factor {decoder[1]} x patch {c.patch_size})")
@@ -379,6 +389,7 @@ def candidates(groups, args, device, dtype):
 
 def main(argv=None):
     args = parse_args(argv)
+    writable_or_exit(args.out, "--out")  # before the model loads and the images are sampled
     device = torch.device(args.device)
     dtype = torch.bfloat16 if use_bf16(device) else torch.float32
     prompts = [p.text for p in shapes.load_eval_prompts()] if args.eval else read_prompts(args)

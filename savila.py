@@ -60,7 +60,6 @@ Deviations from the official code (tools/inference_scaling/nvila_sana_pick.py), 
   verifier sees each image once, asked once.
 """
 
-import argparse
 import itertools
 import json
 import math
@@ -77,7 +76,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import shapes
-from model import LAPTOP_TEXT_ENCODER, CaptionCache, check_and_load, load_text_encoder, save_safetensors
+from model import (LAPTOP_TEXT_ENCODER, ArgumentParser, CaptionCache, check_and_load, check_flags, load_text_encoder,
+                   read_file, save_safetensors)
 
 # The official verifier's question (nvila_sana_pick.py), verbatim: no space after "is:", a trailing newline.
 QUESTION = ("You are an AI assistant specializing in image analysis and ranking. Your task is to analyze and "
@@ -515,20 +515,13 @@ class SavilaTiny:
 
     @classmethod
     def load(cls, path, encoder=None, device="cpu"):
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
         if not os.path.isfile(path):
             raise ValueError(f"no SaVILA-tiny checkpoint at {path}; train one with `python savila.py --train`")
-        try:
-            with safe_open(path, "pt") as f:
-                meta = f.metadata() or {}
-        except Exception as e:  # safetensors raises its own error type for a file in another format
-            raise ValueError(f"{path} is not a safetensors file ({e}); pass a SaVILA-tiny checkpoint") from None
+        tensors, meta = read_file(path)  # one line for a file that does not read
         if meta.get("format") != "savila-tiny":
             raise ValueError(f"{path} is not a SaVILA-tiny checkpoint (metadata format {meta.get('format')!r})")
         judge = cls(config_from_dict(json.loads(meta["config"])), encoder, device)
-        check_and_load(judge.net, load_file(path), "SaVILA-tiny")  # assigns the file's tensors, on the CPU
+        check_and_load(judge.net, tensors, "SaVILA-tiny")  # assigns the file's tensors, on the CPU
         judge.net.to(device)  # so the move comes after loading
         return judge
 
@@ -764,14 +757,10 @@ def check_train_args(args):
     """One-line errors for bad --train flags, before any work."""
     if bool(args.images) == args.synthetic:
         raise ValueError("--train needs exactly one of --images DIR (App. B) and --synthetic")
-    if not 0 < args.val_frac < 1:
-        raise ValueError(f"--val_frac must be in (0, 1), got {args.val_frac}")
-    for flag in ("attend", "renders", "hard"):
-        if getattr(args, flag) < 0:
-            raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
-    for flag in ("n", "steps", "batch_size", "zoom"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    check_flags(vars(args), [(f, lambda v: v >= 0, "must be >= 0") for f in ("attend", "renders", "hard", "seed")] + [
+        (f, lambda v: v >= 1, "must be an integer >= 1") for f in ("n", "steps", "batch_size", "zoom")] + [
+        ("lr", lambda v: v > 0, "the learning rate must be a finite number > 0"),
+        ("val_frac", lambda v: 0 < v < 1, "must be in (0, 1)")])
 
 
 def training_images(args, pool):
@@ -858,7 +847,7 @@ def eval_cmd(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="SaVILA: the judge for best-of-N (SANA-1.5 Sec. 2.5, App. B).")
+    parser = ArgumentParser(description="SaVILA: the judge for best-of-N (SANA-1.5 Sec. 2.5, App. B).")
     parser.add_argument("--write_prompts", metavar="FILE", help="write --n judge-training prompts, one per line")
     parser.add_argument("--categories", help="with --write_prompts: only these, comma-separated (e.g. position,counting)")
     parser.add_argument("--n", type=int, default=4000, help="prompts to write / synthetic images")

@@ -51,7 +51,6 @@ Captions. Models read them through `model.load_text_encoder` (on a laptop MiniLM
 `model.LAPTOP_TEXT_ENCODER`); every caption of the world is at most 12 tokens, hence max_length 16.
 """
 
-import argparse
 import json
 import os
 import textwrap
@@ -63,7 +62,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import CaptionCache
+from model import ArgumentParser, CaptionCache, check_flags
 
 # -----------------------------------------------------------------------------
 # the vocabulary, defined once
@@ -771,7 +770,7 @@ def validate(size=32, seed=0):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="The shapes world: ground-truth grid, eval set, checker check.")
+    parser = ArgumentParser(description="The shapes world: ground-truth grid, eval set, checker check.")
     parser.add_argument("--out", default="out/shapes_grid.png", help="where the grid PNG goes")
     parser.add_argument("--size", type=int, default=32, help="image side in pixels")
     parser.add_argument("--n", type=int, default=24, help="examples in the grid (four of each category)")
@@ -781,6 +780,9 @@ if __name__ == "__main__":
     parser.add_argument("--prompts_of", metavar="CATEGORY", help="print every prompt of one category, one per line")
     parser.add_argument("--score", metavar="DIR", help="the checker's score of a folder sample.py wrote")
     args = parser.parse_args()
+    check_flags(vars(args), [("size", lambda v: v >= 24, "must be >= 24 pixels (four objects of 7 pixels fit)"),
+                             ("n", lambda v: v >= 1, "must be an integer >= 1"),
+                             ("seed", lambda v: v >= 0, "must be an integer >= 0")])
     if args.prompts_of:
         try:
             print("\n".join(p.text for p in all_prompts(args.prompts_of)))

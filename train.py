@@ -20,11 +20,15 @@ big batch, 2 processes equal 1, and --resume continues exactly.
 
 Checkpoints: out_dir/ckpt-<step>/ {model.safetensors, ema.safetensors, state.pt}; when all files are written,
 the symlink out_dir/ckpt is switched to it with os.replace, so a kill at any moment leaves out_dir/ckpt whole.
+A checkpoint is written only if every weight is finite, and a non-finite loss stops the run (checked on device
+every step, read on the host at log and save steps only), so out_dir/ckpt always holds a model that samples.
+One run per out_dir: a folder holding another run is refused without --resume or --overwrite, and a lock on
+out_dir/lock keeps a second run out while one is training.
 """
 
 import dataclasses
+import fcntl
 import json
-import math
 import os
 import shutil
 import sys
@@ -37,7 +41,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from flow import add_noise, shift_sigma, timestep, velocity_target
-from model import PRESETS, LinearDiT, load_text_encoder, n_params, save_model, use_bf16, vae_factor
+from model import (PRESETS, LinearDiT, check_finite, check_flags, load_text_encoder, n_params, read_file, save_model,
+                   usage_error, use_bf16, vae_factor)
 
 # -----------------------------------------------------------------------------
 # defaults: override with a config/*.py file and --key=value (or --key value)
@@ -55,6 +60,7 @@ class TrainConfig:
     grow_init: str = "partial"  # partial | cyclic | block
     grow_drop_last: int = 2  # drop the last pretrained blocks before growing (Sec. 2.2)
     resume: bool = False  # continue from out_dir/ckpt exactly where it stopped
+    overwrite: bool = False  # start afresh in an out_dir that holds another run (its checkpoints go at the first save)
     # data
     data: str = "shapes"  # "shapes" or a folder of name.jpg/png + name.txt pairs (see data.py)
     image_size: int = 32
@@ -108,7 +114,7 @@ def parse_config(argv, cls=TrainConfig):
         arg = argv[i]
         if not arg.startswith("--"):
             if not os.path.isfile(arg):
-                raise SystemExit(f"error: config file '{arg}' not found (configs live in config/*.py)")
+                usage_error(f"config file '{arg}' not found (configs live in config/*.py)")
             scope = {}
             exec(open(arg).read(), {}, scope)
             pairs = [(k, v) for k, v in scope.items() if not k.startswith("_")]
@@ -122,7 +128,7 @@ def parse_config(argv, cls=TrainConfig):
             pairs = [(key, val)]
         for key, val in pairs:
             if key not in known:
-                raise SystemExit(f"error: unknown option '{key}'; known: {', '.join(known)}")
+                usage_error(f"unknown option '{key}'; known: {', '.join(known)}")
             values[key] = convert(key, val, known[key].default)
         i += 1
     return cls(**values)
@@ -138,7 +144,32 @@ def convert(key, val, default):
             return val.lower() in ("true", "1")
         return type(default)(val)
     except ValueError:
-        raise SystemExit(f"error: --{key}={val!r} is not a {type(default).__name__}") from None
+        usage_error(f"--{key}={val!r} is not a {type(default).__name__}")
+
+
+# every number a run takes, checked before any work: (flag, allowed, what is allowed); NaN and inf never pass
+AT_LEAST_1 = ("image_size", "batch_size", "max_steps", "log_every", "save_every", "eval_steps", "val_batches", "gpus")
+AT_LEAST_0 = ("depth", "grow_drop_last", "micro_batch_size", "curriculum_steps", "warmup_steps", "decay_steps",
+              "eval_every", "eval_prompts", "val_every", "seed")
+FLAG_RULES = [(n, lambda v: v >= 1, "must be an integer >= 1") for n in AT_LEAST_1] + [
+    (n, lambda v: v >= 0, "must be an integer >= 0 (0: off, or the default)") for n in AT_LEAST_0] + [
+    ("lr", lambda v: v > 0, "the learning rate must be a finite number > 0"),
+    ("weight_decay", lambda v: v >= 0, "must be a finite number >= 0"),
+    ("grad_clip", lambda v: v >= 0, "the gradient-norm clip must be a finite number >= 0 (0: off)"),
+    ("ema_decay", lambda v: 0 <= v < 1, "must be in [0, 1) (0: no EMA)"),
+    ("flow_shift", lambda v: v > 0, "must be a finite number > 0"),
+    ("logit_mean", lambda v: True, "must be a finite number"),
+    ("logit_std", lambda v: v > 0, "must be a finite number > 0"),
+    ("cfg_dropout", lambda v: 0 <= v <= 1, "a probability: between 0 and 1"),
+    ("eval_cfg", lambda v: v >= 0, "the guidance scale must be a finite number >= 0")]
+
+
+def check_config(cfg):
+    check_flags(dataclasses.asdict(cfg), FLAG_RULES)
+    if cfg.dtype not in ("auto", "bfloat16", "float32"):
+        usage_error(f"--dtype={cfg.dtype}: use auto, bfloat16 or float32")
+    if cfg.resume and cfg.overwrite:
+        usage_error("--resume continues the run in --out_dir and --overwrite starts afresh there: give one")
 
 
 # -----------------------------------------------------------------------------
@@ -262,7 +293,13 @@ def make_data(cfg, model_cfg, device="cpu"):
         raise SystemExit(f"error: --shapes_weights and the curriculum flags mix the shapes world's categories; "
                          f"--data {cfg.data} is a folder of images: drop them")
     from data import FolderData
-    return FolderData(cfg.data, encoder, model_cfg.text_max_length, seed=cfg.seed)
+    data = FolderData(cfg.data, encoder, model_cfg.text_max_length, seed=cfg.seed)
+    channels, dim = data.items["0.latent"].shape[0], data.meta["text_dim"]
+    if (channels, dim) != (model_cfg.in_channels, model_cfg.caption_channels):
+        raise SystemExit(f"error: {cfg.data} is encoded to {channels}-channel latents and {dim}-d text states; the "
+                         f"model takes {model_cfg.in_channels} and {model_cfg.caption_channels}: encode it with the "
+                         f"model's own autoencoder and text encoder")
+    return data
 
 
 # -----------------------------------------------------------------------------
@@ -277,10 +314,16 @@ def full_state_dict(model, cfg):
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_checkpoint(cfg, raw_model, ema, opt, step, rank, world):
-    """ckpt-<step>/ written in full, then the ckpt symlink swapped atomically, then older ones removed."""
+def save_checkpoint(cfg, raw_model, ema, opt, step, rank, world, last_good):
+    """ckpt-<step>/ written in full, then the ckpt symlink swapped atomically, then older ones removed; nothing at
+    all if a weight is not finite, so rotation never removes the last finite checkpoint. -> the new folder."""
     sd = full_state_dict(raw_model, cfg)
     folder = os.path.join(cfg.out_dir, f"ckpt-{step:07d}")
+    if rank == 0:
+        try:
+            check_finite({**sd, **({f"ema {k}": v for k, v in zip(sd, ema)} if ema is not None else {})}, f"step {step}")
+        except ValueError as e:
+            raise SystemExit(f"error: not saved: {e}. {good_checkpoint_line(last_good)}") from None
     if rank == 0:
         os.makedirs(folder, exist_ok=True)
     if world > 1:
@@ -311,6 +354,36 @@ def save_checkpoint(cfg, raw_model, ema, opt, step, rank, world):
         for old in os.listdir(cfg.out_dir):
             if old.startswith("ckpt-") and old != os.path.basename(folder):
                 shutil.rmtree(os.path.join(cfg.out_dir, old), ignore_errors=True)
+    return folder
+
+
+def good_checkpoint_line(folder):
+    return f"The last good checkpoint is {folder}." if folder else "No checkpoint was saved by this run."
+
+
+def claim_out_dir(cfg):
+    """One run per out_dir. A folder that holds another run is refused unless --resume continues it or
+    --overwrite starts afresh; a run holds an flock on out_dir/lock while it trains. The kernel drops an flock
+    when its process ends, however it ends, so a killed run never leaves the folder locked. -> the lock file."""
+    previous = [n for n in ("ckpt", "log.jsonl") if os.path.lexists(os.path.join(cfg.out_dir, n))]
+    if previous and not (cfg.resume or cfg.overwrite):
+        raise SystemExit(f"error: --out_dir {cfg.out_dir} holds another run ({', '.join(previous)}): pass --resume "
+                         f"to continue it, --overwrite to start afresh in it, or choose another --out_dir")
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        lock = open(os.path.join(cfg.out_dir, "lock"), "a+")
+    except OSError as e:
+        raise SystemExit(f"error: --out_dir {cfg.out_dir} is not a writable folder ({e.strerror})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        raise SystemExit(f"error: another run (process {lock.read().strip() or '?'}) is training in {cfg.out_dir}; "
+                         f"wait for it to end or choose another --out_dir") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
 
 
 def load_training_state(cfg, rank):
@@ -319,7 +392,10 @@ def load_training_state(cfg, rank):
     path = os.path.join(folder, name)
     if not os.path.exists(path):
         raise SystemExit(f"error: --resume but no training state at {path}; train without --resume first")
-    return torch.load(path, map_location="cpu", weights_only=True), folder
+    try:
+        return read_file(path)[0], folder
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -396,15 +472,14 @@ def setup_distributed():
 
 def train(cfg):
     """Run training; returns {"step", "losses": [(step, loss)], "eval": last eval result or None}."""
+    check_config(cfg)
     rank, _, world, device = setup_distributed()
+    with claim_out_dir(cfg) if rank == 0 else nullcontext():  # the lock is released when the run ends, however
+        return train_loop(cfg, rank, world, device)
+
+
+def train_loop(cfg, rank, world, device):
     print0 = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    if cfg.dtype not in ("auto", "bfloat16", "float32"):
-        raise SystemExit(f"error: --dtype={cfg.dtype}: use auto, bfloat16 or float32")
-    if cfg.decay_steps < 0:
-        raise SystemExit(f"error: --decay_steps={cfg.decay_steps} must be >= 0 (0: constant lr)")
-    if cfg.val_every < 0 or (cfg.val_every and cfg.val_batches < 1):
-        raise SystemExit(f"error: --val_every={cfg.val_every} must be >= 0 (0: off) and --val_batches="
-                         f"{cfg.val_batches} >= 1 when it is on")
     if cfg.batch_size % world:
         raise SystemExit(f"error: batch_size {cfg.batch_size} is not divisible by the world size {world}")
     micro = cfg.micro_batch_size or cfg.batch_size // world
@@ -417,11 +492,11 @@ def train(cfg):
         raise SystemExit("error: EMA with FSDP is not supported (as in the official code); set --ema_decay=0")
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    step = 0
+    step, last_good = 0, None  # last_good: the newest checkpoint known to be finite
     if cfg.resume:
         state, folder = load_training_state(cfg, rank)
-        raw_model = load_or_exit(os.path.join(folder, "model.safetensors"))
-        step = state["step"]
+        raw_model = load_or_exit(os.path.join(folder, "model.safetensors"))  # refused if not finite
+        step, last_good = state["step"], os.path.realpath(folder)
     else:
         raw_model = build_model(cfg)
     raw_model.config.grad_checkpointing = cfg.grad_checkpointing
@@ -430,7 +505,7 @@ def train(cfg):
     if cfg.resume and ema is not None:
         ema_path = os.path.join(folder, "ema.safetensors")
         if os.path.exists(ema_path):
-            ema = [t.to(device).float() for t in LinearDiT.from_pretrained(ema_path).state_dict().values()]
+            ema = [t.to(device).float() for t in load_or_exit(ema_path).state_dict().values()]
 
     model = raw_model
     if cfg.fsdp:
@@ -453,11 +528,11 @@ def train(cfg):
     y_null, mask_null = (t.to(device) for t in data.null())  # the empty caption, for CFG dropout
     print0(f"model: {n_params(raw_model) / 1e6:.2f}M parameters, depth {raw_model.config.depth}; world {world}, "
            f"micro-batch {micro} x accumulation {accum} = global batch {cfg.batch_size}; bf16 {bf16}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
+    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a" if cfg.resume else "w") if rank == 0 else None
     from tqdm import tqdm
     bar = tqdm(total=cfg.max_steps, initial=step, disable=rank != 0 or not cfg.progress, dynamic_ncols=True)
     losses, result, t0, t_log, step_log = [], None, time.time(), time.time(), step
+    first_bad = torch.full((), -1, device=device)  # the first step with a non-finite loss, kept on device: no sync
 
     while step < cfg.max_steps:
         for g in opt.param_groups:
@@ -475,6 +550,7 @@ def train(cfg):
                 loss = flow_loss(model, batch, y_null, mask_null, step, shard * micro, cfg, autocast) / accum
                 loss.backward()
             loss_sum += loss.detach()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_sum), step + 1, first_bad)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
         opt.step()
@@ -485,14 +561,18 @@ def train(cfg):
         bar.update(1)
 
         last = step == cfg.max_steps
+        saving = step % cfg.save_every == 0 or last
+        if step % cfg.log_every == 0 or saving:  # the one host sync of the non-finite check: before log and save
+            if world > 1:
+                dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
+            if first_bad.item() >= 0:
+                raise SystemExit(f"error: loss is not finite at step {first_bad.item()}; stopped. "
+                                 f"{good_checkpoint_line(last_good)} Lower --lr or use --dtype=float32.")
         if step % cfg.log_every == 0 or last:
             if world > 1:
                 dist.all_reduce(loss_sum)
                 loss_sum /= world
             loss_val = loss_sum.item()
-            if not math.isfinite(loss_val):
-                raise SystemExit(f"error: loss is {loss_val} at step {step}; stopped. The last good checkpoint "
-                                 f"is {os.path.join(cfg.out_dir, 'ckpt')}. Lower --lr or use --dtype=float32.")
             now = time.time()
             rate = (step - step_log) / (now - t_log)
             t_log, step_log = now, step
@@ -525,8 +605,8 @@ def train(cfg):
                 dist.barrier()
             t0 += time.time() - t_eval
             t_log += time.time() - t_eval
-        if step % cfg.save_every == 0 or last:
-            save_checkpoint(cfg, raw_model, ema, opt, step, rank, world)
+        if saving:
+            last_good = save_checkpoint(cfg, raw_model, ema, opt, step, rank, world, last_good)
         if last:
             break
     bar.close()
@@ -558,6 +638,7 @@ def saved_activation_bytes(mcfg, depth, batch, tokens_hw):
 def dry_run(cfg):
     """Parameters, optimizer-state bytes and an estimate of memory per GPU for this preset and parallelism."""
     from came8bit import predicted_state_bytes
+    check_config(cfg)
     if cfg.preset not in PRESETS:
         raise SystemExit(f"error: unknown preset '{cfg.preset}'; known: {', '.join(PRESETS)}")
     mcfg = dataclasses.replace(PRESETS[cfg.preset], depth=cfg.depth or PRESETS[cfg.preset].depth)  # the architecture

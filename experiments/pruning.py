@@ -275,7 +275,8 @@ def main(argv=None):
     lap("score_full")
 
     # Table 3: pruned, then the 100-step recovery fine-tune with the source run's loss and recipe (Sec. 2.4)
-    ft_cfg = PruneConfig(finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, progress=args.progress)
+    ft_cfg = PruneConfig(finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, progress=args.progress,
+                         overwrite=True)  # finetune_<d>/ is this experiment's own folder: a rerun redoes it
     for frac, d in depths.items():
         pruned = prune(model, kept[frac])
         run_dir = os.path.join(args.out, f"finetune_{d}")

@@ -163,8 +163,11 @@ def test_from_fine_tunes_the_decoder_of_a_file_and_keeps_its_encoder(tmp_path):
     assert "--decoder_steps 0" in meta["first_command"] and "--from" in meta["command"]
 
 
-@pytest.mark.parametrize("argv, message", [(["--steps", "0"], "must be >= 1"),
-                                           (["--decoder_steps", "-1"], "must be >= 0"),
+@pytest.mark.parametrize("argv, message", [(["--steps", "0"], "--steps=0: must be an integer >= 1"),
+                                           (["--decoder_steps", "-1"], "--decoder_steps=-1: must be >= 0"),
+                                           (["--lr", "nan"], "--lr=nan: the learning rate must be"),
+                                           (["--decoder_noise", "inf"], "--decoder_noise=inf: must be >= 0"),
+                                           (["--from", "x.safetensors", "--decoder_steps", "0"], "needs --decoder_steps"),
                                            (["--from", "missing.safetensors"], "--from missing.safetensors"),
                                            (["--image_size", "30"], "multiple of"),
                                            (["--out", "ae.pt"], ".safetensors"),
@@ -173,7 +176,8 @@ def test_from_fine_tunes_the_decoder_of_a_file_and_keeps_its_encoder(tmp_path):
 def test_bad_flags_give_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         autoencoder.main(argv)
-    assert message in str(e.value.code) and "\n" not in str(e.value.code)
+    said = capsys.readouterr().err.strip() if e.value.code == 2 else str(e.value.code)  # 2: a usage error, on stderr
+    assert message in said and "\n" not in said
 
 
 @pytest.mark.parametrize("preset", ["shapes", "shapes-c4"])

@@ -65,3 +65,53 @@ def test_bad_folders(tmp_path):
         list_pairs(str(tmp_path))
     with pytest.raises(SystemExit, match="not found"):
         list_pairs(str(tmp_path / "nope"))
+
+
+def test_the_cache_follows_the_folder_it_was_built_from(folder, tmp_path, capsys):
+    _, _, gemma, vae = folder
+    rng = np.random.default_rng(1)
+
+    def add(i):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(tmp_path / f"im{i}.png")
+        (tmp_path / f"im{i}.txt").write_text(f"a photo of {i} circles")
+    add(0), add(1)
+    build_cache(str(tmp_path), vae, gemma, size=64, max_length=8)
+    assert FolderData(str(tmp_path), max_length=8).get_batch(0, 2)["x"].shape == (2, 32, 2, 2)
+    add(2)  # an image added: the cache is stale until encoded again
+    with pytest.raises(SystemExit, match="encoded from other images or captions.*python data.py --folder"):
+        FolderData(str(tmp_path), max_length=8)
+    build_cache(str(tmp_path), vae, gemma, size=64, max_length=8)
+    assert FolderData(str(tmp_path), max_length=8).n == 3
+    (tmp_path / "im1.txt").write_text("a photo of a new caption")  # a caption changed
+    with pytest.raises(SystemExit, match="encoded from other images"):
+        FolderData(str(tmp_path), max_length=8)
+    build_cache(str(tmp_path), vae, gemma, size=32, max_length=8)  # another size: every shard is encoded again
+    data = FolderData(str(tmp_path), max_length=8)
+    assert data.meta["size"] == 32 and data.get_batch(0, 3)["x"].shape == (3, 32, 1, 1)
+
+
+def test_a_bad_image_is_named_and_the_encoded_shards_stay(folder, tmp_path, monkeypatch):
+    import data as data_py
+    _, _, gemma, vae = folder
+    monkeypatch.setattr(data_py, "SHARD", 2)  # two pairs per shard
+    rng = np.random.default_rng(2)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"im{i}.png")
+        (tmp_path / f"im{i}.txt").write_text("a photo of a square")
+    build_cache(str(tmp_path), vae, gemma, size=64, max_length=8)
+    first = (tmp_path / CACHE / "shard_00000.safetensors").read_bytes()
+    png = (tmp_path / "im2.png").read_bytes()
+    (tmp_path / "im2.png").write_bytes(png[:len(png) // 2])  # truncated
+    with pytest.raises(SystemExit, match=f"image {tmp_path / 'im2.png'} does not read") as e:
+        build_cache(str(tmp_path), vae, gemma, size=64, max_length=8)
+    assert "\n" not in str(e.value.code)
+    assert (tmp_path / CACHE / "shard_00000.safetensors").read_bytes() == first  # kept, not encoded again
+
+
+def test_data_py_flags_are_checked_before_any_work(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "data.py", "--folder", str(tmp_path), "--vae", "x", "--text_encoder", "y",
+                        "--size", "-8"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --size=-8: must be an integer >= 1"

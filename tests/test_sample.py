@@ -167,9 +167,9 @@ def test_safety_check_and_rewrite_on_a_tiny_lm(tmp_path):
     torch.manual_seed(0)
     ckpt = str(tmp_path / "tiny.safetensors")
     save_model(LinearDiT(PRESETS["shapes-tiny"]), ckpt)
-    with pytest.raises(SystemExit, match="refused"):  # threshold below any probability: everything is refused
+    with pytest.raises(SystemExit, match="refused"):  # threshold 0: any probability above it: everything is refused
         sample.main(["--ckpt", ckpt, "--prompt", "a photo of a red circle", "--safety_check", path,
-                     "--safety_threshold", "-1", "--no_progress"])
+                     "--safety_threshold", "0", "--no_progress"])
 
 
 def test_curve_saves_candidates_and_rejudges_them(tmp_path, capsys):

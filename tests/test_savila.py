@@ -609,14 +609,17 @@ def test_relation_share_weight_zero_is_no_relation_share(encoder):
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--attend", "-1", "must be >= 0, got -1"), ("--renders", "-1", "must be >= 0, got -1"),
-    ("--hard", "-1", "must be >= 0, got -1.0"), ("--zoom", "0", "must be >= 1, got 0"),
-    ("--steps", "0", "must be >= 1, got 0"), ("--batch_size", "0", "must be >= 1, got 0"),
-    ("--val_frac", "1", "must be in (0, 1), got 1.0")])
-def test_cli_bad_training_flags_are_one_line_errors(flag, value, message):
+    ("--attend", "-1", "=-1: must be >= 0"), ("--renders", "-1", "=-1: must be >= 0"),
+    ("--hard", "-1", "=-1.0: must be >= 0"), ("--hard", "nan", "=nan: must be >= 0"), ("--zoom", "0", "=0: must be an "
+    "integer >= 1"), ("--steps", "0", "=0: must be an integer >= 1"), ("--batch_size", "0", "=0: must be an integer >= 1"),
+    ("--lr", "inf", "=inf: the learning rate must be a finite number > 0"), ("--val_frac", "1", "=1.0: must be in (0, 1)"),
+    ("--steps", "x", ": invalid int value: 'x'")])
+def test_cli_bad_training_flags_are_one_line_errors(flag, value, message, capsys):
     with pytest.raises(SystemExit) as e:
         savila.main(["--train", "--synthetic", flag, value])
-    assert str(e.value) == f"error: {flag} {message}"
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith(f"error: {flag}" if "=" in message else "error: argument")
+    assert message in err and "\n" not in err
 
 
 def test_cli_needs_one_image_source_and_eval_needs_images():
