@@ -16,6 +16,7 @@ Text-to-image sampling with SANA's flow samplers, and best-of-N inference scalin
         --size 1024 --prompt "a cyberpunk cat" --best_of 8 --judge <NVILA or any HF VLM folder>
 """
 
+import argparse
 import json
 import os
 import time
@@ -92,14 +93,14 @@ def sample_images(model, encoder, decoder, prompts, n, args, device, dtype):
     decoder: (decode, factor) from load_decoder."""
     c = model.config
     decode, factor = decoder
-    side = args.size // factor  # latent side
+    h, w = (side // factor for side in args.size)  # latent height and width
     jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
     y_null, mask_null = (t.to(device) for t in encoder.null())  # the empty caption, without Gemma's prefix
     out = []
     for b in tqdm(range(0, len(jobs), args.batch_size), desc="sampling", disable=not args.progress, leave=False):
         chunk = jobs[b:b + args.batch_size]
         y, mask = encoder([prompts[i] for i, _ in chunk])
-        noise = torch.stack([candidate_noise(args.seed, i, j, (c.in_channels, side, side)) for i, j in chunk])
+        noise = torch.stack([candidate_noise(args.seed, i, j, (c.in_channels, h, w)) for i, j in chunk])
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             x = generate(model, y.to(device), mask.to(device), y_null, mask_null, noise.to(device),
                          steps=args.steps, cfg=args.cfg, shift=args.shift, sampler=args.sampler)
@@ -284,6 +285,17 @@ def plot_curve(rows, path):
     plt.close(fig)
 
 
+def image_size(text):
+    """--size: "1024" -> (1024, 1024); "WxH", e.g. "1344x768" (landscape) -> (height, width) = (768, 1344)."""
+    try:
+        w, h = (int(v) for v in (text.lower().split("x") if "x" in text.lower() else (text, text)))
+    except ValueError:
+        w = h = 0
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a side (1024) or width x height (1344x768), in pixels")
+    return h, w
+
+
 def parse_args(argv=None):
     ap = ArgumentParser(description="Sample images from a SANA checkpoint, optionally best-of-N with a judge.")
     ap.add_argument("--ckpt", default=DEFAULT_CKPT, help="ours (.safetensors), official .pth, or a diffusers folder/hub id")
@@ -299,7 +311,8 @@ def parse_args(argv=None):
     ap.add_argument("--shift", type=float, default=None, help="flow shift (default: the checkpoint's training value, else 3.0)")
     ap.add_argument("--sampler", choices=SAMPLERS, default="dpm++", help="flow.py's Flow-Euler or Flow-DPM-Solver++")
     ap.add_argument("--seed", type=int, default=0, help="candidate j of prompt i starts from noise seeded by (seed, i, j)")
-    ap.add_argument("--size", type=int, default=None, help="image side in pixels (default 32 laptop, 1024 real)")
+    ap.add_argument("--size", type=image_size, default=None, help="S (square) or WxH in pixels, e.g. 1344x768 "
+                    "(default: the training size; 32 laptop, 1024 real)")
     ap.add_argument("--batch_size", type=int, default=64, help="images per sampler batch")
     ap.add_argument("--text_encoder", default="", help="override the checkpoint's text encoder (a folder or hub id)")
     ap.add_argument("--vae", default=None, help="override the checkpoint's DC-AE (a folder or hub id)")
@@ -315,7 +328,7 @@ def parse_args(argv=None):
     ap.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bar")
     args = ap.parse_args(argv)
     check_flags(vars(args), [(name, lambda v: v >= 1, "must be an integer >= 1")
-                             for name in ("num_samples", "best_of", "keep", "batch_size", "steps", "size")] + [
+                             for name in ("num_samples", "best_of", "keep", "batch_size", "steps")] + [
         ("cfg", lambda v: v >= 0, "the guidance scale must be a finite number >= 0 (1: no guidance)"),
         ("shift", lambda v: v > 0, "the flow shift must be a finite number > 0"),
         ("seed", lambda v: v >= 0, "must be an integer >= 0"),
@@ -350,14 +363,14 @@ def load_pipeline(args, device, dtype):
         raise SystemExit(f"error: {e}") from None
     c = model.config
     trained = json.loads(getattr(model, "meta", {}).get("train_config", "{}"))
-    args.size = args.size or trained.get("image_size") or (1024 if c.vae else 32)
+    args.size = args.size or (trained.get("image_size") or (1024 if c.vae else 32),) * 2
     args.shift = args.shift or trained.get("flow_shift") or 3.0
     args.steps, args.cfg = args.steps or 20, args.cfg if args.cfg is not None else 4.5  # None: not given
     encoder = load_text_encoder(args.text_encoder or c.text_encoder, c.text_max_length, device)
     decoder = load_decoder(c.vae if args.vae is None else args.vae, device, c.in_channels)
-    if args.size % (decoder[1] * c.patch_size):
-        raise SystemExit(f"error: --size {args.size} must be a multiple of {decoder[1] * c.patch_size} "
-                         f"(autoencoder factor {decoder[1]} x patch {c.patch_size})")
+    if args.size[0] % (decoder[1] * c.patch_size) or args.size[1] % (decoder[1] * c.patch_size):
+        raise SystemExit(f"error: --size {args.size[1]}x{args.size[0]}: each side must be a multiple of "
+                         f"{decoder[1] * c.patch_size} (autoencoder factor {decoder[1]} x patch {c.patch_size})")
     return model, encoder, decoder
 
 

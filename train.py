@@ -294,11 +294,15 @@ def make_data(cfg, model_cfg, device="cpu"):
                          f"--data {cfg.data} is a folder of images: drop them")
     from data import FolderData
     data = FolderData(cfg.data, encoder, model_cfg.text_max_length, seed=cfg.seed)
-    channels, dim = data.items["0.latent"].shape[0], data.meta["text_dim"]
+    (channels, h, w), dim, p = data.shapes[0], data.meta["text_dim"], model_cfg.patch_size
     if (channels, dim) != (model_cfg.in_channels, model_cfg.caption_channels):
         raise SystemExit(f"error: {cfg.data} is encoded to {channels}-channel latents and {dim}-d text states; the "
                          f"model takes {model_cfg.in_channels} and {model_cfg.caption_channels}: encode it with the "
                          f"model's own autoencoder and text encoder")
+    odd = [f"{h}x{w}" for _, h, w in data.shapes if h % p or w % p]
+    if odd:
+        raise SystemExit(f"error: {cfg.data} holds {odd[0]} latents, not a multiple of the model's patch size {p}: "
+                         f"encode it again with a --size that is")
     return data
 
 

@@ -122,7 +122,7 @@ def score(model, encoder, prompts, args, tc, device):
     """The checker's GenEval-style score: 4 images per prompt, image k of the list always from seed (seed, k)."""
     model.to(device).eval()
     groups = [p for p in prompts for _ in range(shapes.IMAGES_PER_PROMPT)]
-    sampling = argparse.Namespace(size=tc.image_size, shift=tc.flow_shift, steps=args.steps, cfg=args.cfg,
+    sampling = argparse.Namespace(size=(tc.image_size, tc.image_size), shift=tc.flow_shift, steps=args.steps, cfg=args.cfg,
                                   sampler=args.sampler, seed=args.seed, batch_size=args.batch_size,
                                   progress=args.progress)
     images = sample_images(model, encoder, load_decoder(model.config.vae, device), [p.text for p in groups], 1,

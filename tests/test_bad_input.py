@@ -69,7 +69,8 @@ def test_grow_names_a_broken_file_in_one_line(broken, tmp_path):
     (["--cfg", "nan"], "--cfg=nan: the guidance scale must be a finite number >= 0"),
     (["--cfg", "inf"], "--cfg=inf: the guidance scale"), (["--shift", "nan"], "--shift=nan: the flow shift"),
     (["--shift", "0"], "--shift=0.0: the flow shift"), (["--steps", "0"], "--steps=0: must be an integer >= 1"),
-    (["--steps", "-3"], "--steps=-3: must be"), (["--size", "-8"], "--size=-8: must be"),
+    (["--steps", "-3"], "--steps=-3: must be"), (["--size", "-8"], "argument --size: '-8': give a side"),
+    (["--size", "64x0"], "argument --size: '64x0': give a side"), (["--size", "wide"], "argument --size: 'wide'"),
     (["--batch_size=0"], "--batch_size=0: must be"), (["--best_of", "0"], "--best_of=0: must be"),
     (["--safety_threshold", "nan"], "--safety_threshold=nan: a probability"),
     (["--steps", "x"], "argument --steps: invalid int value: 'x'"), (["--cfg"], "argument --cfg: expected one")])

@@ -72,7 +72,7 @@ def test_the_cache_follows_the_folder_it_was_built_from(folder, tmp_path, capsys
     rng = np.random.default_rng(1)
 
     def add(i):
-        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(tmp_path / f"im{i}.png")
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"im{i}.png")
         (tmp_path / f"im{i}.txt").write_text(f"a photo of {i} circles")
     add(0), add(1)
     build_cache(str(tmp_path), vae, gemma, size=64, max_length=8)
@@ -115,3 +115,75 @@ def test_data_py_flags_are_checked_before_any_work(tmp_path):
     r = subprocess.run([sys.executable, "data.py", "--folder", str(tmp_path), "--vae", "x", "--text_encoder", "y",
                         "--size", "-8"], cwd=root, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.strip() == "error: --size=-8: must be an integer >= 1"
+
+
+def test_sanas_buckets_and_the_nearest_one():
+    from data import buckets, nearest_bucket
+    table = buckets(1024, 32)
+    assert len(table) == 40 and table[0] == (512, 2048) and table[20] == (1024, 1024)  # the official 40 at 1024px
+    assert buckets(512, 32)[:2] == [(256, 1024), (256, 992)]  # the official ASPECT_RATIO_512: the table halved
+    for (h, w), want in [((1024, 1024), (1024, 1024)), ((768, 1344), (768, 1344)), ((1080, 1920), (768, 1344)),
+                         ((3000, 1000), (1728, 576)), ((1000, 4000), (512, 2048))]:
+        assert nearest_bucket(h, w, table) == want, (h, w)
+
+
+@pytest.fixture(scope="module")
+def bucketed(folder, tmp_path_factory):
+    """Eight images of four aspect ratios (h:w 1:4, 1:1, 4:1, 1:2), encoded at base size 128."""
+    _, _, gemma, vae = folder
+    root = tmp_path_factory.mktemp("buckets")
+    rng = np.random.default_rng(3)
+    sizes = [(100, 400), (300, 300), (310, 290), (400, 100), (150, 300), (300, 300), (100, 400), (290, 300)]
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / f"im{i}.png")
+        (root / f"im{i}.txt").write_text(f"a photo of {i} squares")
+    build_cache(str(root), vae, gemma, size=128, max_length=8)
+    return root, gemma, vae
+
+
+def test_images_land_in_their_buckets_and_every_batch_is_one_bucket(bucketed):
+    root, _, _ = bucketed
+    data = FolderData(str(root), max_length=8)
+    # latents of the tiny f32 autoencoder: (64, 256) -> 2x8, (128, 128) -> 4x4, (256, 64) -> 8x2, (96, 192) -> 3x6
+    assert [data.items[f"{i}.latent"].shape[1:] for i in range(8)] == [
+        (2, 8), (4, 4), (4, 4), (8, 2), (3, 6), (4, 4), (2, 8), (4, 4)]
+    assert data.members == [[0, 6], [4], [1, 2, 5, 7], [3]]  # buckets in latent-shape order: 2x8, 3x6, 4x4, 8x2
+    seen = []
+    for step in range(200):
+        batch = data.get_batch(step, 4)
+        shape = tuple(batch["x"].shape[1:])
+        assert all(tuple(data.items[f"{i}.latent"].shape) == shape for i in map(int, batch["prompts"]))
+        seen.append(data.shapes.index(shape))
+        a, b = data.get_batch(step, 4, 0, 2), data.get_batch(step, 4, 1, 2)  # two ranks: the same bucket
+        assert torch.equal(torch.cat([a["x"], b["x"]]), batch["x"]) and a["prompts"] + b["prompts"] == batch["prompts"]
+    counts = [seen.count(k) for k in range(4)]
+    assert counts[2] > counts[0] > max(counts[1], counts[3]) > 0  # in proportion to 2 : 1 : 4 : 1
+    again = FolderData(str(root), max_length=8)  # a resumed run: the same sequence from any step on
+    assert [again.get_batch(s, 4)["prompts"] for s in range(150, 160)] == [data.get_batch(s, 4)["prompts"]
+                                                                           for s in range(150, 160)]
+
+
+def test_training_on_buckets_resumes_exactly(bucketed, tmp_path):
+    root, gemma, vae = bucketed
+    torch.manual_seed(0)
+    cfg = DiTConfig(in_channels=32, patch_size=1, hidden_size=64, depth=1, cross_heads=2, caption_channels=32,
+                    text_encoder=gemma, text_max_length=8, vae=vae)
+    save_model(LinearDiT(cfg), str(tmp_path / "init.safetensors"))
+    run = lambda name, steps, **kw: train(TrainConfig(  # noqa: E731
+        out_dir=str(tmp_path / name), init_from=str(tmp_path / "init.safetensors"), data=str(root), batch_size=2,
+        max_steps=steps, log_every=1, progress=False, dtype="float32", **kw))
+    full = run("a", 6)
+    run("b", 3)
+    resumed = run("b", 6, resume=True)
+    assert full["losses"][3:] == resumed["losses"]
+
+
+def test_square_only_stays_available(folder, tmp_path):
+    _, _, gemma, vae = folder
+    rng = np.random.default_rng(4)
+    for i, (h, w) in enumerate([(100, 400), (300, 300)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"im{i}.png")
+        (tmp_path / f"im{i}.txt").write_text("a photo of a square")
+    build_cache(str(tmp_path), vae, gemma, size=128, max_length=8, square=True)
+    data = FolderData(str(tmp_path), max_length=8)
+    assert data.shapes == [(32, 4, 4)] and data.get_batch(0, 2)["x"].shape == (2, 32, 4, 4)

@@ -117,6 +117,17 @@ def run_cli(*args):
     return r.returncode, r.stderr.strip().splitlines()
 
 
+def test_size_takes_width_x_height(tmp_path):
+    from PIL import Image
+    torch.manual_seed(0)
+    ckpt = str(tmp_path / "tiny.safetensors")
+    save_model(LinearDiT(PRESETS["shapes-tiny"]), ckpt, train_config={"image_size": 32, "flow_shift": 1.0})
+    for size, want in (("64x32", (64, 32)), ("24x48", (24, 48)), ("40", (40, 40))):
+        sample.main(["--ckpt", ckpt, "--prompt", "a photo of a red circle", "--size", size, "--steps", "2",
+                     "--out", str(tmp_path / size), "--no_progress"])
+        assert Image.open(tmp_path / size / "00000.png").size == want  # PIL: (width, height)
+
+
 def test_cli_end_to_end_and_bad_input(tmp_path):
     torch.manual_seed(0)
     ckpt = str(tmp_path / "tiny.safetensors")
@@ -131,7 +142,8 @@ def test_cli_end_to_end_and_bad_input(tmp_path):
                           (["--ckpt", ckpt, "--prompts", str(tmp_path / "bad.txt")], "holds no prompts"),
                           (["--ckpt", ckpt, "--prompts", str(tmp_path / "missing.txt")], "not found"),
                           (["--ckpt", ckpt, "--best_of", "2", "--keep", "3"], "keep"),
-                          (["--ckpt", ckpt, "--size", "30"], "multiple of 8"),
+                          (["--ckpt", ckpt, "--size", "30"], "30x30: each side must be a multiple of 8"),
+                          (["--ckpt", ckpt, "--size", "64x36"], "64x36: each side must be a multiple of 8"),
                           (["--ckpt", ckpt, "--best_of", "2", "--judge", str(tmp_path / "j.safetensors")], "SaVILA")]:
         with pytest.raises(SystemExit, match=pattern) as e:
             sample.main(args + ["--no_progress", "--steps", "2"])
