@@ -73,12 +73,20 @@ def step(sampler, x, v, s, t, prev=None):
     return (t / s) * x + (1 - t) * (1 - math.exp(-h)) * D, (x0, h)
 
 
-def integrate(velocity, noise, steps, shift, sampler="dpm++"):
-    """x from noise at sigma_max to sigma = 0. velocity(x, sigma) -> v, called once per step; x kept fp32."""
+def integrate(velocity, noise, steps, shift, sampler="dpm++", verdict=None):
+    """x from noise at sigma_max to sigma = 0. velocity(x, sigma) -> v, called once per step; x kept fp32.
+    verdict(k, x0) -> rows or None, called after the k-th velocity (k = 0 .. steps - 1) with the data prediction
+    x0 = x - sigma v of every row: only the rows it returns go on (x, v and the sampler's memory alike), so a
+    row finishes exactly as it would have alone. -> x0 of the rows that went on to the end."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}': use one of {', '.join(SAMPLERS)}")
     sigmas = sigma_grid(steps, shift).tolist()
     x, prev = noise.float(), None
-    for s, t in zip(sigmas[:-1], sigmas[1:]):
-        x, prev = step(sampler, x, velocity(x.to(noise.dtype), s), s, t, prev)
+    for k, (s, t) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        v = velocity(x.to(noise.dtype), s)
+        rows = verdict(k, predicted_x0(x, s, v)) if verdict else None
+        if rows is not None:
+            x, v = x[rows], v[rows]
+            prev = None if prev is None else (prev[0][rows], prev[1])  # DPM-Solver++'s last x0, row by row
+        x, prev = step(sampler, x, v, s, t, prev)
     return x

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -28,8 +29,8 @@ from tqdm import tqdm
 import savila
 import shapes
 from flow import SAMPLERS, integrate, make_noise, timestep
-from model import (ArgumentParser, DCAEDecoder, LinearDiT, check_flags, load_text_encoder, resolve, use_bf16,
-                   writable_or_exit)
+from model import (ArgumentParser, DCAEDecoder, LinearDiT, check_flags, load_text_encoder, resolve, usage_error,
+                   use_bf16, writable_or_exit)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CKPT = os.path.join(ROOT, "weights", "shapes.safetensors")  # the shipped laptop model
@@ -50,12 +51,22 @@ def guided_velocity(model, x, sigma, y, mask, y_null, mask_null, cfg):
 
 
 @torch.no_grad()
-def generate(model, y, mask, y_null, mask_null, noise, steps=20, cfg=4.5, shift=3.0, sampler="dpm++"):
-    """From x = noise at sigma_max to sigma = 0 with guidance. y (B, L, Dt), y_null (1 or B, L, Dt). -> x0 (B, C, H, W)."""
+def generate(model, y, mask, y_null, mask_null, noise, steps=20, cfg=4.5, shift=3.0, sampler="dpm++", verdict=None):
+    """From x = noise at sigma_max to sigma = 0 with guidance. y (B, L, Dt), y_null (1 or B, L, Dt). -> x0 (B, C, H, W).
+    verdict(k, x0) -> rows or None: flow.integrate's early verdicts; the captions follow the rows that go on."""
     B = noise.shape[0]
     y_null, mask_null = y_null.expand(B, -1, -1), mask_null.expand(B, -1)
-    velocity = lambda x, sigma: guided_velocity(model, x, sigma, y, mask, y_null, mask_null, cfg)  # noqa: E731
-    return integrate(velocity, noise, steps, shift, sampler)
+    live = torch.arange(B)  # the rows of y still sampled
+
+    def velocity(x, sigma):
+        return guided_velocity(model, x, sigma, y[live], mask[live], y_null[live], mask_null[live], cfg)
+
+    def judged(k, x0):
+        nonlocal live
+        rows = verdict(k, x0)
+        live = live if rows is None else live[rows]
+        return rows
+    return integrate(velocity, noise, steps, shift, sampler, judged if verdict else None)
 
 
 # -----------------------------------------------------------------------------
@@ -87,25 +98,73 @@ def candidate_noise(seed, prompt_index, j, shape):
     return make_noise(shape, seed * 1_000_003 + prompt_index * 4_099 + j)
 
 
+@dataclass
+class Cost:
+    """What best-of-N spent, counted as it runs; the seconds measured on the threads it ran on."""
+    dit_forwards: int = 0  # model rows: one per candidate per step, CFG's two (text and empty caption) counted
+    decoder_calls: int = 0  # images decoded: early previews and finished candidates
+    judge_calls: int = 0  # judge evaluations: every test-time view of every image (a VLM: one per image)
+    sampling_seconds: float = 0.0  # the DiT and the decoder
+    judging_seconds: float = 0.0  # the judge, on previews and on finished candidates
+
+
+def counted(judge, cost):
+    """The same judge, its calls and seconds added to cost (SaVILA-tiny counts the views it ran)."""
+    def call(images, prompt):
+        t0, views = time.perf_counter(), getattr(judge, "views_run", 0)
+        answers = judge(images, prompt)
+        cost.judge_calls += getattr(judge, "views_run", len(images)) - views
+        cost.judging_seconds += time.perf_counter() - t0
+        return answers
+    return call
+
+
 @torch.no_grad()
-def sample_images(model, encoder, decoder, prompts, n, args, device, dtype):
-    """n images per prompt, in prompt order: (len(prompts) * n, 3, H, W) in [-1, 1] on the CPU.
-    decoder: (decode, factor) from load_decoder."""
+def sample_images(model, encoder, decoder, prompts, n, args, device, dtype, schedule=(), judge=None, cost=None):
+    """n candidates per prompt, in prompt order, decoded: (len(prompts) * m, 3, H, W) in [-1, 1] on the CPU, and
+    the candidate index j of each (len(prompts) * m,). decoder: (decode, factor) from load_decoder.
+    Early verdicts: schedule ((step, keep), ...): after `step` sampler steps, `judge` sees the x0 preview of each
+    live candidate, the tournament keeps `keep` of each prompt's, and only those are sampled on; m is the last
+    keep. No rounds (plain best-of-N): m = n, every candidate finished."""
+    cost, t0 = cost or Cost(), time.perf_counter()
+    judged0, rounds = cost.judging_seconds, dict(schedule)
     c = model.config
     decode, factor = decoder
     h, w = (side // factor for side in args.size)  # latent height and width
     jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
+    rows = max(1, args.batch_size // n) * n if rounds else args.batch_size  # early verdicts: whole prompts
     y_null, mask_null = (t.to(device) for t in encoder.null())  # the empty caption, without Gemma's prefix
-    out = []
-    for b in tqdm(range(0, len(jobs), args.batch_size), desc="sampling", disable=not args.progress, leave=False):
-        chunk = jobs[b:b + args.batch_size]
+
+    def net(x, *cond):  # the model, its rows counted: guided_velocity passes text and empty caption together
+        cost.dit_forwards += len(x)
+        return model(x, *cond)
+    out, picked = [], []
+    for b in tqdm(range(0, len(jobs), rows), desc="sampling", disable=not args.progress, leave=False):
+        chunk = jobs[b:b + rows]
+        live = torch.arange(len(chunk))  # the chunk's rows still sampled
+
+        def verdict(k, x0):  # (rows, C, h, w) previews of the live candidates -> the rows that go on
+            nonlocal live
+            if k not in rounds:
+                return None
+            previews, per, kept = decode(x0).float().clamp(-1, 1).cpu(), len(live) * n // len(chunk), []
+            cost.decoder_calls += len(x0)
+            for g in range(0, len(live), per):  # one prompt's live candidates
+                prompt = prompts[chunk[int(live[g])][0]]
+                kept += [g + r for r in savila.tournament(counted(judge, cost)(previews[g:g + per], prompt), rounds[k])]
+            live = live[kept]
+            return torch.tensor(kept)
+
         y, mask = encoder([prompts[i] for i, _ in chunk])
         noise = torch.stack([candidate_noise(args.seed, i, j, (c.in_channels, h, w)) for i, j in chunk])
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            x = generate(model, y.to(device), mask.to(device), y_null, mask_null, noise.to(device),
-                         steps=args.steps, cfg=args.cfg, shift=args.shift, sampler=args.sampler)
+            x = generate(net, y.to(device), mask.to(device), y_null, mask_null, noise.to(device), steps=args.steps,
+                         cfg=args.cfg, shift=args.shift, sampler=args.sampler, verdict=verdict if rounds else None)
             out.append(decode(x).float().clamp(-1, 1).cpu())
-    return torch.cat(out)
+        picked += [chunk[r][1] for r in live.tolist()]
+        cost.decoder_calls += len(x)
+    cost.sampling_seconds += time.perf_counter() - t0 - (cost.judging_seconds - judged0)
+    return torch.cat(out), torch.tensor(picked)
 
 
 # -----------------------------------------------------------------------------
@@ -285,6 +344,33 @@ def plot_curve(rows, path):
     plt.close(fig)
 
 
+def schedule(text):
+    """--schedule: "2:8,6:2" -> ((2, 8), (6, 2)): after sampler step 2 the preview judge keeps 8 candidates of each
+    prompt, after step 6 two; "" -> () (plain best-of-N)."""
+    try:
+        return tuple((int(k), int(m)) for k, m in (r.split(":") for r in text.split(",") if r.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give step:keep pairs, e.g. 2:8,6:2") from None
+
+
+def format_schedule(rounds):
+    return ",".join(f"{k}:{m}" for k, m in rounds)
+
+
+def check_schedule(rounds, n, steps, keep):
+    """A schedule best-of-n can run: steps increasing within 0 .. steps - 1, each keep below the candidates alive
+    before it and at least the final --keep."""
+    last, alive = -1, n
+    for k, m in rounds:
+        if not last < k < steps:
+            usage_error(f"--schedule {format_schedule(rounds)}: step {k} must be above the one before and below "
+                        f"--steps {steps} (a preview is taken after steps 0 .. {steps - 1})")
+        if not keep <= m < alive:
+            usage_error(f"--schedule {format_schedule(rounds)}: keep {m} at step {k} must be below the {alive} "
+                        f"candidates alive then and at least --keep {keep}")
+        last, alive = k, m
+
+
 def image_size(text):
     """--size: "1024" -> (1024, 1024); "WxH", e.g. "1344x768" (landscape) -> (height, width) = (768, 1344)."""
     try:
@@ -304,6 +390,9 @@ def parse_args(argv=None):
     ap.add_argument("--num_samples", type=int, default=1, help="images kept per prompt")
     ap.add_argument("--best_of", type=int, default=1, help="candidates per kept image (N); the judge picks")
     ap.add_argument("--keep", type=int, default=1, help="images kept per N candidates (the tournament's K)")
+    ap.add_argument("--schedule", type=schedule, default=(), help="early verdicts, step:keep pairs (e.g. 2:8): after "
+                    "that step only the candidates whose x0 previews the preview judge keeps are sampled on")
+    ap.add_argument("--preview_judge", default="", help="the judge of the previews (default: --judge)")
     ap.add_argument("--judge", default=DEFAULT_JUDGE,
                     help="SaVILA-tiny .safetensors (several joined by commas: their ensemble), a VLM folder, or 'checker'")
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default 20)")
@@ -335,6 +424,9 @@ def parse_args(argv=None):
         ("safety_threshold", lambda v: 0 <= v <= 1, "a probability: between 0 and 1")])
     if args.keep > args.best_of:
         raise SystemExit(f"error: --keep {args.keep} > --best_of {args.best_of}: the tournament keeps K of N")
+    check_schedule(args.schedule, args.best_of, args.steps or 20, args.keep)
+    if args.schedule and (args.curve or args.candidates):
+        usage_error("--schedule finishes only some candidates; --curve and --candidates need them all: drop one")
     if args.curve and not args.eval:
         raise SystemExit("error: --curve needs --eval")
     if args.candidates and not args.curve:
@@ -374,8 +466,9 @@ def load_pipeline(args, device, dtype):
     return model, encoder, decoder
 
 
-def candidates(groups, args, device, dtype):
-    """best_of candidates per group, sampled now or read from --candidates (written there after sampling)."""
+def candidates(groups, args, device, dtype, preview_judge=None, cost=None):
+    """best_of candidates per group (the survivors of --schedule's early verdicts), sampled now or read from
+    --candidates (written there after sampling)."""
     if args.candidates and os.path.exists(args.candidates):
         try:
             images = torch.load(args.candidates)  # (G * N, 3, H, W): the candidates of an earlier run
@@ -389,7 +482,8 @@ def candidates(groups, args, device, dtype):
         return images
     model, encoder, decoder = load_pipeline(args, device, dtype)
     t0 = time.perf_counter()
-    images = sample_images(model, encoder, decoder, groups, args.best_of, args, device, dtype)
+    images, _ = sample_images(model, encoder, decoder, groups, args.best_of, args, device, dtype, args.schedule,
+                              preview_judge, cost)
     seconds = time.perf_counter() - t0
     print(f"sampled {len(images)} images in {seconds:.1f}s: {len(images) / seconds:.1f} images/s "
           f"({args.steps} steps, {torch.get_num_threads()} threads on {device.type})")
@@ -408,16 +502,19 @@ def main(argv=None):
     prompts = [p.text for p in shapes.load_eval_prompts()] if args.eval else read_prompts(args)
     prompts = screen_prompts(prompts, args, device)
     judge = load_judge(args.judge, device) if args.best_of > 1 else None  # a bad judge fails before sampling
+    preview = load_judge(args.preview_judge or args.judge, device) if args.schedule else None
     groups = [p for p in prompts for _ in range(shapes.IMAGES_PER_PROMPT if args.eval else args.num_samples)]
-    images = candidates(groups, args, device, dtype)  # one group of N candidates per kept image
-    os.makedirs(args.out, exist_ok=True)
+    cost = Cost()
+    images = candidates(groups, args, device, dtype, preview, cost)  # one group of candidates per kept image
     if args.curve:
         evaluate_curve(images, shapes.load_eval_prompts(), args.best_of, judge, args.out)
         return
     if args.best_of > 1:
-        t0 = time.perf_counter()
-        images, _ = best_of(images, groups, args.best_of, args.keep, judge)
-        print(f"judged {len(groups) * args.best_of} candidates in {time.perf_counter() - t0:.1f}s")
+        finished = args.schedule[-1][1] if args.schedule else args.best_of  # candidates per group sampled to the end
+        images, _ = best_of(images, groups, finished, args.keep, counted(judge, cost))
+        print(f"cost of best of {args.best_of}" + f" with --schedule {format_schedule(args.schedule)}" * bool(args.schedule)
+              + ": " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in asdict(cost).items()))
+        json.dump(asdict(cost), open(os.path.join(args.out, "cost.json"), "w"), indent=1)
         groups = [p for p in groups for _ in range(args.keep)]
     if args.eval:
         result = shapes.evaluate(images, [shapes.as_prompt(p) for p in groups])

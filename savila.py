@@ -462,6 +462,7 @@ class SavilaTiny:
         self.net = SavilaNet(self.config).to(device).eval()
         self.device = device
         self._captions = None if encoder is None else self._cache(encoder)
+        self.views_run = 0  # net evaluations so far, one per view of an image: the judge's cost
 
     def _cache(self, encoder):
         cache = encoder if isinstance(encoder, CaptionCache) else CaptionCache(encoder)
@@ -501,6 +502,7 @@ class SavilaTiny:
                 y, mask = self.captions([said[k] for k in r.tolist()])  # (b, L, Dt), (b, L)
                 xv = view(x[r], mirrored, dy, dx).to(self.device)
                 zv[r] = self.net(xv, y.to(self.device), mask.to(self.device)).float().cpu()
+                self.views_run += len(r)
             z += zv
         return z / len(VIEWS)  # (N,)
 
@@ -538,6 +540,10 @@ class Ensemble:
 
     def logits(self, images, prompts, batch_size=256):
         return torch.stack([j.logits(images, prompts, batch_size) for j in self.judges]).mean(0)  # (N,)
+
+    @property
+    def views_run(self):
+        return sum(j.views_run for j in self.judges)
 
     __call__ = SavilaTiny.__call__
 

@@ -125,7 +125,7 @@ def score(model, encoder, prompts, args, tc, device):
     sampling = argparse.Namespace(size=(tc.image_size, tc.image_size), shift=tc.flow_shift, steps=args.steps, cfg=args.cfg,
                                   sampler=args.sampler, seed=args.seed, batch_size=args.batch_size,
                                   progress=args.progress)
-    images = sample_images(model, encoder, load_decoder(model.config.vae, device), [p.text for p in groups], 1,
+    images, _ = sample_images(model, encoder, load_decoder(model.config.vae, device), [p.text for p in groups], 1,
                            sampling, device, torch.float32)  # (4P, 3, H, W) in [-1, 1]
     return shapes.evaluate(images, groups)
 
