@@ -40,13 +40,12 @@ Deviations, on purpose:
 - No "zero_gate" option for replicated copies (official cyclic/block_expand): it is not in the paper.
 """
 
-import argparse
 import dataclasses
 import os
 
 import torch
 
-from model import LinearDiT, n_params, save_model
+from model import LAYOUTS, ArgumentParser, LinearDiT, check_flags, check_layout_path, n_params, usage_error
 
 STRATEGIES = ("partial", "cyclic", "block")
 # the three output projections of a block (Sec. 2.2, "Identity Mapping Initialization"): zero -> block = identity
@@ -139,16 +138,25 @@ def grow(model, depth, init="partial", drop_last=2):
 # CLI
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Grow a LinearDiT checkpoint to more blocks (SANA-1.5 Sec. 2.2).")
+    ap = ArgumentParser(description="Grow a LinearDiT checkpoint to more blocks (SANA-1.5 Sec. 2.2).")
     ap.add_argument("--src", required=True, help="source checkpoint: ours (.safetensors), official .pth, "
                                                  "or a diffusers folder")
     ap.add_argument("--depth", type=int, required=True, help="number of blocks of the grown model")
     ap.add_argument("--init", default="partial", choices=STRATEGIES, help="growth strategy (default: partial)")
     ap.add_argument("--drop_last", type=int, default=2, help="drop the source's last blocks first (default: 2)")
-    ap.add_argument("--out", required=True, help="where to write the grown model (.safetensors, our format)")
+    ap.add_argument("--out", required=True, help="where to write the grown model (see --layout)")
+    ap.add_argument("--layout", default="ours", choices=LAYOUTS, help="ours (a .safetensors, default), official "
+                                                                     "(.pth / .safetensors) or diffusers (a folder)")
+    ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = ap.parse_args()
-    if not args.out.endswith(".safetensors"):
-        raise SystemExit(f"error: --out {args.out} must end in .safetensors (nanoSANA's checkpoint format)")
+    check_flags(vars(args), [("depth", lambda v: v >= 1, "must be an integer >= 1"),
+                             ("drop_last", lambda v: v >= 0, "must be an integer >= 0")])
+    try:
+        check_layout_path(args.out, args.layout)
+    except ValueError as e:
+        usage_error(f"--out {args.out}: {e}")
+    if os.path.exists(args.out) and not args.overwrite:
+        raise SystemExit(f"error: --out {args.out} exists; pass --overwrite to replace it or choose another --out")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise SystemExit(f"error: folder {out_dir} for --out does not exist; create it first")
@@ -164,5 +172,6 @@ if __name__ == "__main__":
         print("  " + line)
     a, b = n_params(source), n_params(grown)
     print(f"params: {a / 1e6:.2f}M -> {b / 1e6:.2f}M (+{(b - a) / 1e6:.2f}M)")
-    save_model(grown, args.out, grown_from=args.src, grow_init=args.init, grow_drop_last=args.drop_last)
+    grown.save_pretrained(args.out, args.layout, grown_from=args.src, grow_init=args.init,
+                          grow_drop_last=args.drop_last)
     print(f"wrote {args.out}")

@@ -17,7 +17,9 @@ Checkpoints. `LinearDiT.from_pretrained(path)` reads three layouts and infers th
 our own (.safetensors whose metadata holds the config as JSON), the official SANA one (.pth with a
 "state_dict", or .safetensors, NVlabs key names) and the diffusers one (a folder with config.json and
 diffusion_pytorch_model*.safetensors). Our module names ARE the official key names, so the official layout
-loads as-is and the diffusers layout is renamed on the way in.
+loads as-is and the diffusers layout is renamed on the way in. `model.save_pretrained(path, layout)` writes each
+of the three (diffusers by default), the rename table run backwards; `python model.py --export CKPT --layout
+diffusers|official|ours --out PATH` converts a file.
 
 Deviations from the official code, on purpose, and where the official code and diffusers differ:
 - The official SanaMS truncates the timestep to an integer inside the model (timestep.long()); we keep it
@@ -398,6 +400,13 @@ class LinearDiT(nn.Module):
         check_and_load(model, sd, f"LinearDiT ({path})")
         model.meta = meta
         return model
+
+    def save_pretrained(self, path, layout="diffusers", **meta):
+        """Write the model for another code base: "diffusers" (the default, as diffusers' own save_pretrained: a
+        folder that SanaTransformer2DModel.from_pretrained loads), "official" (a .pth or .safetensors for the NVlabs
+        code) or "ours" (as save_model); `meta` goes into the file(s). from_pretrained reads all three back exactly.
+        See save_dit, in "loading and saving"."""
+        save_dit(self, path, layout, **meta)
 
 
 # -----------------------------------------------------------------------------
@@ -821,12 +830,17 @@ def atomic_save_file(tensors, path, metadata=None):
     os.replace(tmp, path)
 
 
-def save_safetensors(tensors, path, fmt, config, **meta):
-    """Every file this project writes: weights + {"format": fmt, "config": the config dataclass as JSON, key: a
-    string as is, anything else as JSON} in the safetensors metadata, written atomically."""
+def file_metadata(fmt, config, **meta):
+    """{"format": fmt, "config": the config dataclass as JSON, key: a string as is, anything else as JSON}."""
     metadata = {"format": fmt, "config": json.dumps(asdict(config))}
     metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
-    atomic_save_file(tensors, path, metadata)
+    return metadata
+
+
+def save_safetensors(tensors, path, fmt, config, **meta):
+    """Every file this project writes: weights + file_metadata(fmt, config, **meta) in the safetensors metadata,
+    written atomically."""
+    atomic_save_file(tensors, path, file_metadata(fmt, config, **meta))
 
 
 def save_model(model, path, **meta):
@@ -858,7 +872,8 @@ def config_from_official(sd):
                      caption_channels=sd["y_embedder.y_proj.fc1.weight"].shape[1], qk_norm=qk)
 
 
-# diffusers name -> official name, block-level and top-level (qkv and kv are fused below)
+# diffusers name -> official name, block-level and top-level, applied in this order: an entry starting with "."
+# renames an infix, any other a prefix. The writer applies the same table backwards (diffusers_from_official).
 DIFFUSERS_RENAMES = [
     ("patch_embed.proj.", "x_embedder.proj."),
     ("caption_projection.linear_1.", "y_embedder.y_proj.fc1."),
@@ -879,25 +894,64 @@ DIFFUSERS_RENAMES = [
     (".ff.conv_depth.", ".mlp.depth_conv.conv."),
     (".ff.conv_point.", ".mlp.point_conv.conv."),
 ]
+# official fused tensor infix -> diffusers infix of its parts, which are its row blocks (dim 0) in this order
+DIFFUSERS_FUSED = [(".attn.qkv.", ".attn1.to_", "qkv"), (".cross_attn.kv_linear.", ".attn2.to_", "kv")]
+
+
+def rename(key, table):
+    """Apply each (old, new) of a rename table in order: infix entries (leading ".") once, others as a prefix."""
+    for a, b in table:
+        if a.startswith(".") and a in key:
+            key = key.replace(a, b, 1)
+        elif not a.startswith(".") and key.startswith(a):
+            key = b + key[len(a):]
+    return key
 
 
 def official_from_diffusers(dsd):
     """Rename a diffusers SanaTransformer2DModel state dict to official keys; fuse q|k|v and k|v."""
-    sd = {}
+    sd, parts = {}, {}  # parts: fused official key -> {part name: tensor}
     for k, v in dsd.items():
-        if ".attn1.to_" in k and ".to_out" not in k or ".attn2.to_k." in k or ".attn2.to_v." in k:
-            continue  # fused below
-        for a, b in DIFFUSERS_RENAMES:
-            if k.startswith(a) or (a.startswith(".") and a in k):
-                k = k.replace(a, b, 1) if a.startswith(".") else b + k[len(a):]
-        sd[k] = v
-    blocks = {k.split(".")[1] for k in dsd if k.startswith("transformer_blocks.")}
-    for i in sorted(blocks, key=int):
-        pre = f"transformer_blocks.{i}"
-        sd[f"blocks.{i}.attn.qkv.weight"] = torch.cat([dsd[f"{pre}.attn1.to_{n}.weight"] for n in "qkv"])
-        for w in ("weight", "bias"):
-            sd[f"blocks.{i}.cross_attn.kv_linear.{w}"] = torch.cat([dsd[f"{pre}.attn2.to_{n}.{w}"] for n in "kv"])
+        hit = [(fused, part, n) for fused, part, names in DIFFUSERS_FUSED for n in names if f"{part}{n}." in k]
+        if not hit:
+            sd[rename(k, DIFFUSERS_RENAMES)] = v
+            continue
+        fused, part, n = hit[0]
+        parts.setdefault(rename(k.replace(f"{part}{n}.", fused, 1), DIFFUSERS_RENAMES), {})[n] = v
+    for k, got in parts.items():
+        names = next(names for fused, _, names in DIFFUSERS_FUSED if fused in k)
+        if set(got) != set(names):
+            raise ValueError(f"diffusers checkpoint: {k} needs parts {list(names)}, found only {sorted(got)}")
+        sd[k] = torch.cat([got[n] for n in names])
     return sd
+
+
+def diffusers_from_official(sd):
+    """The inverse of official_from_diffusers, from the same two tables: official keys -> diffusers names, q|k|v
+    and k|v split into their parts."""
+    back = [(b, a) for a, b in reversed(DIFFUSERS_RENAMES)]
+    dsd = {}
+    for k, v in sd.items():
+        hit = [f for f in DIFFUSERS_FUSED if f[0] in k]
+        if not hit:
+            dsd[rename(k, back)] = v
+            continue
+        fused, part, names = hit[0]
+        for n, piece in zip(names, v.chunk(len(names))):  # clones: safetensors refuses tensors sharing storage
+            dsd[rename(k.replace(fused, f"{part}{n}.", 1), back)] = piece.clone()
+    return dsd
+
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"  # the weights' file stem in a diffusers folder
+DIFFUSERS_SHARD_SIZE = 10 * 10**9  # diffusers' save_pretrained default max_shard_size, "10GB"
+DIFFUSERS_VERSION = "0.42.1"  # the diffusers release whose layout we write (shared/reference/diffusers.md)
+# config.json fields DiTConfig has no counterpart for, at diffusers' defaults; a model read from a diffusers folder
+# writes back its own (meta "diffusers_config"). sample_size (the latent side) is set by sample_size() below.
+DIFFUSERS_DIT_EXTRAS = dict(sample_size=32, dropout=0.0, guidance_embeds_scale=0.1, timestep_scale=1.0)
+# DiTConfig fields config.json cannot hold (diffusers itself runs eps 1e-5 and 1e-15; pe_base_size 0 means "the
+# grid's own side"): a folder we wrote keeps them in its safetensors metadata, and reading it restores them
+NOT_IN_DIFFUSERS = ("cross_norm_eps", "linear_attn_eps", "grad_checkpointing", "text_encoder", "vae",
+                    "text_max_length", "y_norm_init", "pe_base_size")
 
 
 def config_from_diffusers(c):
@@ -918,18 +972,25 @@ def config_from_diffusers(c):
 
 
 def read_safetensors_dir(folder, stem):
-    """All tensors of `stem`.safetensors or of its shards (stem.safetensors.index.json)."""
+    """All tensors of `stem`.safetensors or of its shards (stem.safetensors.index.json), and the first file's
+    metadata."""
     index = os.path.join(folder, f"{stem}.safetensors.index.json")
     files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else [f"{stem}.safetensors"]
-    sd = {}
+    sd, metas = {}, []
     for f in files:
-        sd.update(read_file(os.path.join(folder, f))[0])
-    return sd
+        tensors, meta = read_file(os.path.join(folder, f))
+        sd.update(tensors)
+        metas.append(meta)
+    return sd, metas[0]
+
+
+FILE_KEYS = ("format", "config", "layout")  # metadata that describes a file itself, not the model
 
 
 def read_dit_checkpoint(path):
     """-> (state dict in our/official key names, DiTConfig, metadata dict): a diffusers folder (or a pipeline
-    folder with transformer/), our .safetensors, or an official .safetensors/.pth. One-line errors for bad paths."""
+    folder with transformer/), our .safetensors, or an official .safetensors/.pth. One-line errors for bad paths.
+    A diffusers or official file written by save_dit also gives back our full config and metadata."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
@@ -937,24 +998,164 @@ def read_dit_checkpoint(path):
         cfg_file = os.path.join(folder, "config.json")
         if not os.path.exists(cfg_file):
             raise ValueError(f"{path} is a folder without config.json: expected a diffusers SanaTransformer2DModel folder")
-        sd = official_from_diffusers(read_safetensors_dir(folder, "diffusion_pytorch_model"))
-        return sd, config_from_diffusers(json.load(open(cfg_file))), {"layout": "diffusers"}
+        c = json.load(open(cfg_file))
+        dsd, stored = read_safetensors_dir(folder, DIFFUSERS_WEIGHTS)
+        cfg = config_from_diffusers(c)
+        if stored.get("layout") == "diffusers" and "config" in stored:  # written by save_diffusers
+            own = json.loads(stored["config"])
+            cfg = DiTConfig(**{**asdict(cfg), **{k: own[k] for k in NOT_IN_DIFFUSERS if k in own}})
+        meta = {k: v for k, v in stored.items() if k not in FILE_KEYS}
+        return official_from_diffusers(dsd), cfg, {**meta, "layout": "diffusers", "diffusers_config": json.dumps(c)}
     if path.endswith(".safetensors"):
         sd, meta = read_file(path)
         if meta.get("format") == "nanosana":
             return sd, config_from_dict(json.loads(meta["config"])), meta
     elif path.endswith((".pth", ".pt", ".bin")):
         obj, _ = read_file(path)
-        sd, meta = (obj.get("state_dict", obj) if isinstance(obj, dict) else None), {"layout": "official"}
+        sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
         if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
             raise ValueError(f"{path} holds no state dict; expected an official SANA .pth with 'state_dict'")
+        meta = obj.get("nanosana", {})  # what save_official adds beside "state_dict"
     else:
         raise ValueError(f"unknown checkpoint type '{path}': expected .safetensors, .pth or a diffusers folder")
     sd = {k: v for k, v in sd.items() if k not in OFFICIAL_DROPPED}
+    ours = meta.get("layout") == "official" and "config" in meta  # written by save_official
     try:
-        return sd, config_from_official(sd), {"layout": "official"}
+        cfg = config_from_dict(json.loads(meta["config"])) if ours else config_from_official(sd)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+    return sd, cfg, {**{k: v for k, v in meta.items() if k not in FILE_KEYS}, "layout": "official"}
+
+
+# -----------------------------------------------------------------------------
+# writing the official and diffusers layouts (our own format: save_model)
+
+LAYOUTS = ("ours", "official", "diffusers")
+
+
+def check_layout_path(path, layout):
+    """One-line ValueError unless `path` can hold `layout`: ours is a .safetensors file, official a .pth or
+    .safetensors file, diffusers a folder."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout '{layout}': use one of {', '.join(LAYOUTS)}")
+    ends = {"ours": (".safetensors",), "official": (".pth", ".safetensors")}.get(layout)
+    if ends and not str(path).endswith(ends):
+        raise ValueError(f"the {layout} layout is a {' or '.join(ends)} file; got {path}")
+    if not ends and (os.path.isfile(path) or str(path).endswith((".safetensors", ".pth"))):
+        raise ValueError(f"the diffusers layout is a folder (config.json + {DIFFUSERS_WEIGHTS}.safetensors); "
+                         f"got {path}")
+
+
+def json_meta(meta, key):
+    """A dict kept in checkpoint metadata: a JSON string as read from a file, a dict as passed in; {} if absent."""
+    v = meta.get(key) or {}
+    return json.loads(v) if isinstance(v, str) else v
+
+
+def sample_size(cfg, meta):
+    """The latent side a model is made for (diffusers' sample_size; the official pos_embed grid is it / patch):
+    the trained grid (pe_base_size, which a diffusers source sets from its own sample_size), else the training
+    image size over the autoencoder's factor (our checkpoints' train_config), else diffusers' default 32 (1024px)."""
+    if cfg.pe_base_size:
+        return cfg.pe_base_size * cfg.patch_size
+    image = json_meta(meta, "train_config").get("image_size")
+    return image // vae_factor(cfg.vae) if image else DIFFUSERS_DIT_EXTRAS["sample_size"]
+
+
+def diffusers_config(cfg, meta):
+    """config.json of the SanaTransformer2DModel that computes what `cfg` does. The extras (DIFFUSERS_DIT_EXTRAS)
+    are the source's own where it had a diffusers config (meta "diffusers_config"), else diffusers' defaults."""
+    if cfg.use_pe and not cfg.pe_base_size:
+        raise ValueError("use_pe with pe_base_size=0 (the current grid's own side) has no diffusers equivalent; "
+                         "set pe_base_size to the trained grid side")
+    source = json_meta(meta, "diffusers_config")
+    D = cfg.hidden_size
+    return {"_class_name": "SanaTransformer2DModel", "_diffusers_version": DIFFUSERS_VERSION,
+            **{k: source.get(k, v) for k, v in DIFFUSERS_DIT_EXTRAS.items()}, "sample_size": sample_size(cfg, meta),
+            "in_channels": cfg.in_channels, "out_channels": cfg.in_channels, "patch_size": cfg.patch_size,
+            "num_attention_heads": D // cfg.linear_head_dim, "attention_head_dim": cfg.linear_head_dim,
+            "num_layers": cfg.depth, "num_cross_attention_heads": cfg.cross_heads,
+            "cross_attention_head_dim": D // cfg.cross_heads, "cross_attention_dim": D,
+            "caption_channels": cfg.caption_channels, "mlp_ratio": cfg.mlp_ratio, "attention_bias": False,
+            "norm_elementwise_affine": False, "norm_eps": cfg.norm_eps, "guidance_embeds": False,
+            "interpolation_scale": cfg.pe_interpolation if cfg.use_pe else None,
+            "qk_norm": "rms_norm_across_heads" if cfg.qk_norm else None}
+
+
+def atomic_save_json(obj, path):
+    """JSON written to a temp file, then os.replace (as atomic_save_file)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def save_diffusers(sd, cfg, folder, meta, max_shard_size=DIFFUSERS_SHARD_SIZE):
+    """The diffusers layout: folder/config.json + diffusion_pytorch_model.safetensors, or, above max_shard_size
+    bytes, numbered shards filled in key order (as diffusers splits) and an index naming each tensor's shard.
+    Every shard's metadata holds our config and `meta` (diffusers reads neither), so that reading the folder back
+    restores what config.json cannot say (NOT_IN_DIFFUSERS). Files of an earlier save not rewritten are removed.
+    diffusers runs its own eps (cross-attention qk-norm 1e-5, linear attention 1e-15; official 1e-6, 1e-8)."""
+    config = diffusers_config(cfg, meta)
+    shards, size = [{}], 0
+    for k, v in diffusers_from_official(sd).items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_shard_size:
+            shards, size = shards + [{}], 0
+        shards[-1][k], size = v, size + n
+    names = [f"{DIFFUSERS_WEIGHTS}.safetensors"] if len(shards) == 1 else [
+        f"{DIFFUSERS_WEIGHTS}-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    os.makedirs(folder, exist_ok=True)
+    meta = {k: v for k, v in meta.items() if k != "diffusers_config"}  # config.json says it
+    for name, shard in zip(names, shards):
+        save_safetensors(shard, os.path.join(folder, name), "pt", cfg, layout="diffusers", **meta)
+    if len(shards) > 1:
+        total = sum(v.numel() * v.element_size() for shard in shards for v in shard.values())
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        names.append(f"{DIFFUSERS_WEIGHTS}.safetensors.index.json")
+        atomic_save_json({"metadata": {"total_size": total}, "weight_map": weight_map}, os.path.join(folder, names[-1]))
+    atomic_save_json(config, os.path.join(folder, "config.json"))
+    for f in os.listdir(folder):
+        if f.startswith(DIFFUSERS_WEIGHTS) and f.endswith((".safetensors", ".json")) and f not in names:
+            os.remove(os.path.join(folder, f))
+
+
+def save_official(sd, cfg, path, meta):
+    """The original NVlabs layout: official key names (ours are those), as a .pth holding {"state_dict": ...} or
+    a flat .safetensors, so that the official model's load_state_dict takes it.
+    The official state_dict() has two buffers more, without learned state, which its loader (load_checkpoint)
+    never uses as stored: it deletes pos_embed and overwrites y_embedder.y_embedding with the Gemma states of the
+    empty caption (null_embed_path). We write pos_embed (1, grid^2, D) as the sin-cos table of the trained grid,
+    grid = sample_size / patch (what a use_pe model adds there), and y_embedding (text_max_length,
+    caption_channels) as zeros: our model keeps no null caption (train.py encodes "" for its caption dropout).
+    Our config and `meta` ride along (the .pth's "nanosana" entry, the safetensors metadata), so from_pretrained
+    restores every field, also at widths the official code does not have. The official code runs its own eps
+    (cross-attention qk-norm 1e-6); a model read from diffusers has 1e-5."""
+    D, side = cfg.hidden_size, sample_size(cfg, meta) // cfg.patch_size
+    w = sd["x_embedder.proj.weight"]
+    sd = {"pos_embed": sincos_pos_embed(D, (side, side), cfg.pe_interpolation, side)[None].to(w),
+          "y_embedder.y_embedding": torch.zeros(cfg.text_max_length, cfg.caption_channels).to(w), **sd}
+    if path.endswith(".safetensors"):
+        return save_safetensors(sd, path, "pt", cfg, layout="official", **meta)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save({"state_dict": {k: v.detach().cpu() for k, v in sd.items()},
+                "nanosana": file_metadata("pt", cfg, layout="official", **meta)}, tmp)
+    os.replace(tmp, path)
+
+
+def save_dit(model, path, layout="ours", max_shard_size=DIFFUSERS_SHARD_SIZE, **meta):
+    """Write a LinearDiT in one of LAYOUTS, with `meta` in the file(s). The diffusers config.json fields DiTConfig
+    lacks come from meta["diffusers_config"], else from the model's own (a model read from diffusers, or from a
+    file written from one), and stay in the metadata of the ours and official layouts for a later export."""
+    check_layout_path(path, layout)
+    sd, cfg = model.state_dict(), model.config
+    if "diffusers_config" not in meta and "diffusers_config" in getattr(model, "meta", {}):
+        meta = {**meta, "diffusers_config": model.meta["diffusers_config"]}
+    if layout == "ours":
+        return save_safetensors(sd, path, "nanosana", cfg, **meta)
+    if layout == "official":
+        return save_official(sd, cfg, str(path), meta)
+    save_diffusers(sd, cfg, str(path), meta, max_shard_size)
 
 
 # diffusers layout of the DC-AE (AutoencoderDC): its constructor defaults, which a config.json omits
@@ -1191,7 +1392,42 @@ def use_bf16(device, dtype="auto"):
 
 
 if __name__ == "__main__":
-    with torch.device("meta"):  # parameter counts without allocating the 4.8B model
-        for name, cfg in PRESETS.items():
-            n = n_params(LinearDiT(cfg))
-            print(f"{name:14s} depth {cfg.depth:3d} width {cfg.hidden_size:5d} params {n / 1e6:9.2f}M")
+    import argparse
+
+    ap = argparse.ArgumentParser(description="The presets' parameter counts; with --export, convert a DiT checkpoint "
+                                             "into another layout.")
+    ap.add_argument("--export", metavar="CKPT", help="a checkpoint from_pretrained reads: ours (.safetensors), "
+                                                     "official (.pth / .safetensors) or a diffusers folder")
+    ap.add_argument("--layout", help=f"layout to write: {' | '.join(LAYOUTS)} (diffusers: a folder for "
+                                     f"SanaTransformer2DModel.from_pretrained; official: .pth or .safetensors)")
+    ap.add_argument("--out", help="where to write it; never overwritten")
+    args = ap.parse_args()
+    if args.export is None:
+        if args.layout or args.out:
+            ap.exit(2, "error: --layout and --out go with --export CKPT\n")
+        with torch.device("meta"):  # parameter counts without allocating the 4.8B model
+            for name, cfg in PRESETS.items():
+                n = n_params(LinearDiT(cfg))
+                print(f"{name:14s} depth {cfg.depth:3d} width {cfg.hidden_size:5d} params {n / 1e6:9.2f}M")
+        raise SystemExit(0)
+    if args.layout not in LAYOUTS or not args.out:
+        ap.exit(2, f"error: --export needs --layout ({' | '.join(LAYOUTS)}; got {args.layout}) and --out PATH\n")
+    if not os.path.exists(args.export):
+        ap.exit(2, f"error: --export {args.export}: no such file or folder\n")
+    if os.path.isfile(args.out) or (os.path.isdir(args.out) and os.listdir(args.out)):
+        ap.exit(2, f"error: --out {args.out} exists and is not empty; refusing to overwrite it\n")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        ap.exit(2, f"error: --out {args.out}: its folder does not exist; create it first\n")
+    try:
+        check_layout_path(args.out, args.layout)
+    except ValueError as e:
+        ap.exit(2, f"error: --out: {e}\n")
+    try:
+        model = LinearDiT.from_pretrained(args.export, dtype=None)  # the checkpoint's own dtype (bf16 stays bf16)
+        meta = {k: v for k, v in model.meta.items() if k not in FILE_KEYS}  # the source's step, train_config, ...
+        model.save_pretrained(args.out, args.layout, **{**meta, "exported_from": args.export})
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    print(f"wrote {args.out}: {args.layout} layout, {n_params(model) / 1e6:.2f}M parameters in {dtype}, from "
+          f"{args.export} ({model.meta.get('layout', 'ours')} layout)")

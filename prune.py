@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from flow import add_noise, make_noise, sigma_grid, step, timestep
-from model import (LinearDiT, check_flags, load_text_encoder, local_path, n_params, save_model, usage_error,
-                   use_bf16, vae_factor, writable_or_exit)
+from model import (LinearDiT, check_flags, check_layout_path, load_text_encoder, local_path, n_params, save_model,
+                   usage_error, use_bf16, vae_factor, writable_or_exit)
 from train import TrainConfig, load_or_exit, parse_config
 
 # -----------------------------------------------------------------------------
@@ -53,6 +53,7 @@ class PruneConfig:
     ckpt: str = "out/shapes/ckpt/model.safetensors"  # the model to prune (ours, official .pth, diffusers)
     keep: str = ""  # how many blocks to keep ("8"), or which ones ("0,1,2,9,10,11")
     out: str = "out/shapes_pruned/model.safetensors"  # the pruned (+ fine-tuned) model; PNG chart beside it
+    layout: str = "ours"  # of --out: ours | official (.pth / .safetensors) | diffusers (a folder)
     calib_prompts: int = 100  # calibration prompts (the paper: 100)
     timesteps: int = 10  # timesteps of the sampler grid to average over
     batch_size: int = 25  # calibration prompts per forward
@@ -303,6 +304,10 @@ def main(argv):
     if earlier and not cfg.overwrite:
         raise SystemExit(f"error: {earlier[0]} holds an earlier result; pass --overwrite to replace it or choose "
                          f"another --out")
+    try:
+        check_layout_path(cfg.out, cfg.layout)
+    except ValueError as e:
+        usage_error(f"--out {cfg.out} --layout {cfg.layout}: {e}")
     writable_or_exit(os.path.dirname(os.path.abspath(cfg.out)), "the folder of --out")
     if cfg.prompts and not os.path.isfile(cfg.prompts):
         raise SystemExit(f"error: calibration prompts file not found: {cfg.prompts}")
@@ -357,7 +362,7 @@ def main(argv):
         del model, pruned, encoder  # the fine-tune loads its own copies
         pruned, result = finetune(cfg, tc, init_path, run_dir)
         print(f"fine-tuned {result['step']} steps: loss {result['losses'][-1][1]:.4f} ({run_dir})")
-    save_model(pruned, cfg.out, **meta)
+    pruned.save_pretrained(cfg.out, cfg.layout, **meta)
     print(f"wrote {cfg.out} and {stem}_importance.png")
     return importance, kept
 

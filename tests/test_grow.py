@@ -254,5 +254,12 @@ def test_cli_round_trip(tmp_path):
     bad = run_cli("--src", str(tmp_path / "src.safetensors"), "--depth", "3", "--drop_last", "0",
                   "--out", str(tmp_path / "x.safetensors"))
     assert bad.returncode != 0 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, bad.stderr
-    missing = run_cli("--src", str(tmp_path / "nope.safetensors"), "--depth", "6", "--out", str(out))
+    missing = run_cli("--src", str(tmp_path / "nope.safetensors"), "--depth", "6", "--out", str(tmp_path / "y.safetensors"))
     assert missing.returncode != 0 and missing.stderr.startswith("error: checkpoint not found")
+    made = out.read_bytes()
+    again = run_cli("--src", str(tmp_path / "src.safetensors"), "--depth", "8", "--out", str(out))
+    assert again.returncode == 1 and again.stderr.strip() == f"error: --out {out} exists; pass --overwrite to replace it or choose another --out"
+    assert out.read_bytes() == made  # never overwritten unasked
+    for flag, bad_value in (("--depth", "0"), ("--drop_last", "-1")):
+        r = run_cli("--src", str(tmp_path / "src.safetensors"), "--depth", "6", flag, bad_value, "--out", str(tmp_path / "z"))
+        assert r.returncode == 2 and r.stderr.startswith(f"error: {flag}={bad_value}: must be") and r.stderr.count("\n") == 1

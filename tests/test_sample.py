@@ -136,7 +136,7 @@ def test_cli_end_to_end_and_bad_input(tmp_path):
                  "--best_of", "3", "--keep", "1", "--judge", "checker", "--steps", "3", "--out", str(tmp_path / "o"),
                  "--no_progress"])
     files = sorted(os.listdir(tmp_path / "o"))
-    assert files == ["00000.png", "00001.png", "grid.png", "index.jsonl"]
+    assert files == ["00000.png", "00001.png", "cost.json", "grid.png", "index.jsonl"]
     (tmp_path / "bad.txt").write_text("\n\n")
     for args, pattern in [(["--ckpt", str(tmp_path / "nope.safetensors")], "not found"),
                           (["--ckpt", ckpt, "--prompts", str(tmp_path / "bad.txt")], "holds no prompts"),
