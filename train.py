@@ -41,8 +41,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from flow import add_noise, shift_sigma, timestep, velocity_target
-from model import (PRESETS, LinearDiT, check_finite, check_flags, load_text_encoder, n_params, read_file, save_model,
-                   usage_error, use_bf16, vae_factor)
+from model import (FILE_KEYS, LAYOUTS, PRESETS, LinearDiT, check_finite, check_flags, load_text_encoder, n_params, read_file,
+                   save_model, usage_error, use_bf16, vae_factor)
 
 # -----------------------------------------------------------------------------
 # defaults: override with a config/*.py file and --key=value (or --key value)
@@ -89,6 +89,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (for GPUs; STYLE: off on a CPU)
     seed: int = 0
     # output
+    layout: str = "ours"  # also write the final model as official (out_dir/model.pth) or diffusers (out_dir/diffusers/)
     log_every: int = 10
     save_every: int = 500
     eval_every: int = 0  # shapes world: sample the eval prompts and score them with the checker
@@ -168,6 +169,8 @@ def check_config(cfg):
     check_flags(dataclasses.asdict(cfg), FLAG_RULES)
     if cfg.dtype not in ("auto", "bfloat16", "float32"):
         usage_error(f"--dtype={cfg.dtype}: use auto, bfloat16 or float32")
+    if cfg.layout not in LAYOUTS:
+        usage_error(f"--layout={cfg.layout}: use one of {', '.join(LAYOUTS)}")
     if cfg.resume and cfg.overwrite:
         usage_error("--resume continues the run in --out_dir and --overwrite starts afresh there: give one")
 
@@ -614,6 +617,11 @@ def train_loop(cfg, rank, world, device):
         if last:
             break
     bar.close()
+    if rank == 0 and cfg.layout != "ours":  # the final checkpoint (whole even under FSDP), for another code base
+        export = os.path.join(cfg.out_dir, "model.pth" if cfg.layout == "official" else "diffusers")
+        final = LinearDiT.from_pretrained(os.path.join(cfg.out_dir, "ckpt", "model.safetensors"), dtype=None)
+        final.save_pretrained(export, cfg.layout, **{k: v for k, v in final.meta.items() if k not in FILE_KEYS})
+        print0(f"wrote {export} ({cfg.layout} layout)")
     if world > 1:
         dist.destroy_process_group()
     return {"step": step, "losses": losses, "eval": result, "minutes": (time.time() - t0) / 60}

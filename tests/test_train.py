@@ -190,6 +190,15 @@ def test_a_model_with_a_non_finite_weight_is_never_saved(tmp_path):
                                                       f"holds NaN or inf (a diverged run); use an earlier checkpoint")
 
 
+@pytest.mark.parametrize("layout, name", [("diffusers", "diffusers"), ("official", "model.pth")])
+def test_the_final_model_is_also_written_in_another_layout(tmp_path, layout, name):
+    train(tiny(tmp_path, max_steps=2, layout=layout))
+    ours = LinearDiT.from_pretrained(str(tmp_path / "run/ckpt/model.safetensors"))
+    other = LinearDiT.from_pretrained(str(tmp_path / "run" / name))
+    assert other.config == ours.config and other.meta["layout"] == layout
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in ours.state_dict().items())
+
+
 def test_a_used_out_dir_is_refused_and_left_byte_identical(tmp_path):
     train(tiny(tmp_path, max_steps=2, save_every=1))
     run = tmp_path / "run"
