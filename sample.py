@@ -120,18 +120,19 @@ def counted(judge, cost):
 
 
 @torch.no_grad()
-def sample_images(model, encoder, decoder, prompts, n, args, device, dtype, schedule=(), judge=None, cost=None):
+def sample_images(model, encoder, decoder, prompts, n, args, device, dtype, schedule=(), judge=None, cost=None,
+                  first=0):
     """n candidates per prompt, in prompt order, decoded: (len(prompts) * m, 3, H, W) in [-1, 1] on the CPU, and
     the candidate index j of each (len(prompts) * m,). decoder: (decode, factor) from load_decoder.
     Early verdicts: schedule ((step, keep), ...): after `step` sampler steps, `judge` sees the x0 preview of each
     live candidate, the tournament keeps `keep` of each prompt's, and only those are sampled on; m is the last
-    keep. No rounds (plain best-of-N): m = n, every candidate finished."""
+    keep. No rounds (plain best-of-N): m = n, every candidate finished. first: candidates first .. first + n - 1."""
     cost, t0 = cost or Cost(), time.perf_counter()
     judged0, rounds = cost.judging_seconds, dict(schedule)
     c = model.config
     decode, factor = decoder
     h, w = (side // factor for side in args.size)  # latent height and width
-    jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(first, first + n)]
     rows = max(1, args.batch_size // n) * n if rounds else args.batch_size  # early verdicts: whole prompts
     y_null, mask_null = (t.to(device) for t in encoder.null())  # the empty caption, without Gemma's prefix
 

@@ -457,8 +457,9 @@ class SavilaTiny:
     or one per image. encoder: the caption encoder (a model.TextEncoder or model.CaptionCache); None loads
     config.text_encoder with model.load_text_encoder on first use, on the CPU: every caption is encoded once."""
 
-    def __init__(self, config=None, encoder=None, device="cpu"):
+    def __init__(self, config=None, encoder=None, device="cpu", views=VIEWS):
         self.config = config or SavilaConfig()
+        self.views = views  # a cheaper judge runs fewer (views[:1]: the image as is), e.g. on early previews
         self.net = SavilaNet(self.config).to(device).eval()
         self.device = device
         self._captions = None if encoder is None else self._cache(encoder)
@@ -487,7 +488,7 @@ class SavilaTiny:
             raise ValueError(f"got {len(x)} images but {len(texts)} prompts; pass one prompt, or one per image")
         self.net.eval()
         z, seen = torch.zeros(len(x)), {}
-        for mirrored, dy, dx, conv in VIEWS:
+        for mirrored, dy, dx, conv in self.views:
             said = [mirror_caption(t) for t in texts] if mirrored else texts
             rows = torch.arange(len(x))
             if conv:  # only the captions with a relation change; the others reuse the view without conv
@@ -504,7 +505,7 @@ class SavilaTiny:
                 zv[r] = self.net(xv, y.to(self.device), mask.to(self.device)).float().cpu()
                 self.views_run += len(r)
             z += zv
-        return z / len(VIEWS)  # (N,)
+        return z / len(self.views)  # (N,)
 
     def __call__(self, images, prompts):
         z = self.logits(images, prompts)  # (N,)
@@ -794,11 +795,28 @@ def judge_config(args, start, image_size, text_dim):
     return config
 
 
-def report_training(judge, images, texts, pool, seed):
-    """The trained judge against the checker: on its held-out images, on renders of the evaluation prompts with
-    half the captions wrong, and the flip test on renders of its own position prompts."""
-    print(format_report(judge_report(judge, images, texts, shapes.check_batch(images, texts)),
-                        "held-out images, each with its prompt"))
+def labelled_images(dirs):
+    """The image the checker labels for each entry of the folders: the entry's own, or for an x0 preview the
+    finished image it became ("labelled_by" in index.jsonl, written by experiments/early_verdicts.py
+    --write_previews): a preview judge learns whether the finished candidate will pass."""
+    from PIL import Image
+
+    out = []
+    for d in dirs:
+        for line in open(os.path.join(d, "index.jsonl")).read().splitlines():
+            entry = json.loads(line) if line.strip() else None
+            if entry:
+                with Image.open(os.path.join(d, entry.get("labelled_by", entry["file"]))) as im:
+                    out.append(np.asarray(im.convert("RGB")))
+    return np.stack(out)
+
+
+def report_training(judge, images, texts, pool, seed, labelled=None):
+    """The trained judge against the checker: on its held-out images (the checker asked of `labelled`, the
+    finished images of previews), on renders of the evaluation prompts with half the captions wrong, and the
+    flip test on renders of its own position prompts."""
+    truth = shapes.check_batch(images if labelled is None else labelled, texts)
+    print(format_report(judge_report(judge, images, texts, truth), "held-out images, each with its prompt"))
     ev_images, ev_texts = synthetic_set([p for p in shapes.load_eval_prompts() for _ in range(4)], seed=seed + 1)
     print(format_report(judge_report(judge, ev_images, ev_texts, shapes.check_batch(ev_images, ev_texts)),
                         "eval prompts: renders, half the captions wrong"))
@@ -813,18 +831,21 @@ def train_cmd(args):
     start = SavilaTiny.load(args.init_from) if args.init_from else None  # a bad path fails before any work
     pool = judge_train_pool()
     images, texts = training_images(args, pool)
+    labelled = images if args.synthetic else labelled_images(args.images)  # what the checker labels
     encoder = load_text_encoder(LAPTOP_TEXT_ENCODER, SavilaConfig.text_len, args.device)
     config = judge_config(args, start, images.shape[1], encoder.dim)
     if start:
         print(f"starting from {args.init_from}: {config}")
     held = np.random.default_rng(args.seed).random(len(images)) < args.val_frac
     train_images, train_texts = images[~held], [t for t, h in zip(texts, held) if not h]
+    train_labelled = labelled[~held]
     if args.renders:  # ground-truth renders of judge-training prompts join the generated images
         prompts = shapes.judge_train_prompts(args.renders, args.seed + 7)
         renders = shapes.render_batch([p.spec for p in prompts], images.shape[1], args.seed + 7)
         train_images, train_texts = np.concatenate([train_images, renders]), train_texts + [p.text for p in prompts]
+        train_labelled = np.concatenate([train_labelled, renders])
     captions = pool + judge_extra_captions(args.partial)
-    labels = pair_labels(train_images, captions)  # App. B: the checker labels every pair
+    labels = pair_labels(train_labelled, captions)  # App. B: the checker labels every pair
     print(f"{len(train_images)} training images x {len(captions)} captions, {labels.mean():.2%} of the "
           f"pairs labelled yes by the checker")
     t0 = time.perf_counter()
@@ -835,7 +856,7 @@ def train_cmd(args):
     print(f"trained in {time.perf_counter() - t0:.0f}s")
     judge.save(args.out, source="synthetic" if args.synthetic else " ".join(args.images), steps=args.steps)
     print(f"saved {args.out}")
-    report_training(judge, images[held], [t for t, h in zip(texts, held) if h], pool, args.seed)
+    report_training(judge, images[held], [t for t, h in zip(texts, held) if h], pool, args.seed, labelled[held])
 
 
 def eval_cmd(args):
