@@ -8,10 +8,15 @@ Text-to-image sampling with SANA's flow samplers, and best-of-N inference scalin
   checker answer is the same), any transformers VLM at real scale, or the checker itself (the ceiling).
   Candidate j of prompt i starts from noise seeded by (seed, i, j), so the first N of 32 candidates are the
   N-candidate run: the inference-scaling curve (--curve) reuses one set of samples.
+- Early verdicts (beyond the paper, which samples every candidate in full): --schedule step:keep,... judges
+  each candidate's x0 preview (flow.predicted_x0, the sampler's own data prediction: no extra DiT pass) after
+  `step` steps, keeps `keep` per prompt by the same tournament and samples only those on; --preview_judge may
+  be a cheaper judge. Costs (DiT rows with CFG, decodes, judge views, seconds) go to out/cost.json.
 
     python sample.py                                     # the shipped laptop model on demo prompts -> out/samples
     python sample.py --prompt "a photo of a red circle" --best_of 32 --keep 1
     python sample.py --eval --best_of 32 --curve         # shapes world: score vs N (Fig. 8 / Table 2 analogue)
+    python sample.py --eval --best_of 32 --schedule 3:8  # 8 of 32 finished, chosen on their previews after step 3
     python sample.py --ckpt <SANA1.5_1.6B_1024px_diffusers folder> --vae <dc-ae folder> --text_encoder <gemma-2-2b-it> \
         --size 1024 --prompt "a cyberpunk cat" --best_of 8 --judge <NVILA or any HF VLM folder>
 """
@@ -36,6 +41,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CKPT = os.path.join(ROOT, "weights", "shapes.safetensors")  # the shipped laptop model
 DEFAULT_JUDGE = ",".join(os.path.join(ROOT, "weights", f) for f in  # its shipped SaVILA-tiny judges, an ensemble
                          ("savila_tiny.safetensors", "savila_tiny_zoom.safetensors"))
+DEFAULT_PREVIEW_JUDGE = os.path.join(ROOT, "weights", "savila_tiny.safetensors") + ":1"  # the first, on one view
 DEMO_PROMPTS = ["a photo of a red circle", "a photo of three squares", "a photo of a triangle left of a circle",
                 "a photo of a blue square and a yellow circle", "a photo of a green triangle",
                 "a photo of a white circle and a black square"]
@@ -173,14 +179,20 @@ def sample_images(model, encoder, decoder, prompts, n, args, device, dtype, sche
 
 
 def load_judge(name, device):
-    """judge(images (N,3,H,W) in [-1,1], prompt) -> [(said_yes, confidence)]."""
+    """judge(images (N,3,H,W) in [-1,1], prompt) -> [(said_yes, confidence)]. SaVILA-tiny files may end in ":1":
+    the judge on one view (the image as is) instead of its 20, ~20x cheaper (e.g. for early previews)."""
     if name == "checker":  # an oracle: what a perfect judge would pick (never the default)
         return lambda images, prompt: [(ok, 0.0) for ok in shapes.check_batch(images, [prompt] * len(images))]
-    if all(p.endswith(".safetensors") for p in name.split(",")):
+    one = name.endswith(":1")
+    paths = name[:-2] if one else name
+    if all(p.endswith(".safetensors") for p in paths.split(",")):
         try:
-            return savila.load(name, device=device)
+            judge = savila.load(paths, device=device)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
+        for j in getattr(judge, "judges", [judge]):
+            j.views = savila.VIEWS[:1] if one else savila.VIEWS
+        return judge
     vlm = savila.VLMJudge(resolve(name), device=device)
     return lambda images, prompt: vlm(to_pil(images), prompt)
 
@@ -393,7 +405,8 @@ def parse_args(argv=None):
     ap.add_argument("--keep", type=int, default=1, help="images kept per N candidates (the tournament's K)")
     ap.add_argument("--schedule", type=schedule, default=(), help="early verdicts, step:keep pairs (e.g. 2:8): after "
                     "that step only the candidates whose x0 previews the preview judge keeps are sampled on")
-    ap.add_argument("--preview_judge", default="", help="the judge of the previews (default: --judge)")
+    ap.add_argument("--preview_judge", default="", help="the judge of the previews (default: --judge; for the shipped "
+                    "pair, the first shipped judge on one view)")
     ap.add_argument("--judge", default=DEFAULT_JUDGE,
                     help="SaVILA-tiny .safetensors (several joined by commas: their ensemble), a VLM folder, or 'checker'")
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default 20)")
@@ -503,7 +516,8 @@ def main(argv=None):
     prompts = [p.text for p in shapes.load_eval_prompts()] if args.eval else read_prompts(args)
     prompts = screen_prompts(prompts, args, device)
     judge = load_judge(args.judge, device) if args.best_of > 1 else None  # a bad judge fails before sampling
-    preview = load_judge(args.preview_judge or args.judge, device) if args.schedule else None
+    preview_judge = args.preview_judge or (DEFAULT_PREVIEW_JUDGE if args.judge == DEFAULT_JUDGE else args.judge)
+    preview = load_judge(preview_judge, device) if args.schedule else None
     groups = [p for p in prompts for _ in range(shapes.IMAGES_PER_PROMPT if args.eval else args.num_samples)]
     cost = Cost()
     images = candidates(groups, args, device, dtype, preview, cost)  # one group of candidates per kept image

@@ -11,9 +11,11 @@ sampler's own data prediction), so the preview after step k costs no extra DiT p
 
 --previews: on judge-training prompts only (shapes.judge_train_prompts, never an evaluation prompt), --groups
 groups of --n candidates each; every candidate's previews after the steps of --steps_at, and the checker's
-verdict on its finished image. For each judge (--judges: name=path[:views], views "all" or "1" = the image as
-is; ";" between judges) and step: the mean within-prompt ranking AUC (savila.ranking_auc) of the judge's logits on the previews
-against the checker on the finished images, and the judge's seconds per preview. -> previews.json.
+verdict on its finished image. For each judge (--judges: name=judge as sample.py's --judge takes it, ":1" = on
+the image as is, one view; ";" between judges) and step: the mean within-prompt ranking AUC (savila.ranking_auc)
+of the judge's logits on the previews against the checker on the finished images. -> previews.json.
+--write_previews DIR: the same for other judge-training prompts, written as a preview judge's training set (each
+preview labelled by its finished image, for `savila.py --train --images DIR`).
 
 Default: on the evaluation set (89 prompts x 4 groups), side by side on the same threads and seeds:
 - plain best-of-N for N = 1, 2, 4, ..., --n: one pass over candidate j = 0 .. n-1 of every group, each sampled
@@ -41,8 +43,8 @@ import savila
 import shapes
 from experiments.common import pyplot, save_figure, write_json
 from model import LinearDiT, check_flags, load_text_encoder
-from sample import (DEFAULT_CKPT, DEFAULT_JUDGE, Cost, best_of, candidate_noise, counted, format_schedule, generate,
-                    load_decoder, load_judge, sample_images, schedule)
+from sample import (DEFAULT_CKPT, DEFAULT_JUDGE, DEFAULT_PREVIEW_JUDGE, Cost, best_of, candidate_noise, counted,
+                    format_schedule, generate, load_decoder, load_judge, sample_images, schedule)
 
 STEPS = 20  # the sampler's steps (sample.py's default)
 
@@ -56,32 +58,27 @@ def parse_args(argv):
     ap.add_argument("--n", type=int, default=32, help="candidates per group")
     ap.add_argument("--groups", type=int, default=100, help="--previews: groups of judge-training prompts")
     ap.add_argument("--steps_at", default="0,1,2,3,5,8", help="--previews: the preview steps")
-    ap.add_argument("--judges", default=f"pair={DEFAULT_JUDGE}:all;first={DEFAULT_JUDGE.split(',')[0]}:1",
-                    help="--previews: name=path[,path][:views] (views: all or 1), ';' between judges")
-    ap.add_argument("--schedules", default="2:8;1:16,4:4", help="early-verdict schedules, ';' between them")
-    ap.add_argument("--preview_judge", default=f"{DEFAULT_JUDGE.split(',')[0]}:1", help="path[:views] of the "
-                    "judge of the previews (default: the first shipped judge on one view)")
+    ap.add_argument("--judges", default=f"pair={DEFAULT_JUDGE};first={DEFAULT_PREVIEW_JUDGE}",
+                    help="--previews: name=judge (sample.py's --judge; :1 = on one view), ';' between judges")
+    ap.add_argument("--schedules", default="3:8;2:8;3:12,8:4;3:4;16/3:4;8/3:2", help="early-verdict schedules, "
+                    "';' between them; N/ in front: of best-of-N (default --n)")
+    ap.add_argument("--preview_judge", default=DEFAULT_PREVIEW_JUDGE, help="the judge of the previews (sample.py's "
+                    "default: the first shipped judge on one view)")
     ap.add_argument("--eval_prompts", type=int, default=0, help="0: the whole eval set; else its first k per category")
     ap.add_argument("--seed", type=int, default=0, help="candidate noise seeds (sample.py's)")
-    ap.add_argument("--batch_size", type=int, default=64, help="rows per sampling batch")
+    ap.add_argument("--batch_size", type=int, default=64, help="rows per sampling batch (sample.py's default)")
+    ap.add_argument("--schedule_batch", type=int, default=256, help="rows per batch of a schedule's run before its "
+                    "first verdict (whole prompts), so that the survivors still fill a batch of ~batch_size")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
-    check_flags(vars(args), [(k, lambda v: v >= 1, "must be an integer >= 1") for k in ("n", "groups", "batch_size")]
+    check_flags(vars(args), [(k, lambda v: v >= 1, "must be an integer >= 1") for k in ("n", "groups", "batch_size", "schedule_batch")]
                 + [(k, lambda v: v >= 0, "must be an integer >= 0") for k in ("eval_prompts", "seed", "threads")])
     args.steps_at = [int(k) for k in args.steps_at.split(",")]
-    args.schedules = [schedule(s) for s in args.schedules.split(";") if s.strip()]
+    args.schedules = [(int(s.split("/")[0]) if "/" in s else args.n, schedule(s.split("/")[-1]))
+                      for s in args.schedules.split(";") if s.strip()]
     if args.threads:
         torch.set_num_threads(args.threads)
     return args
-
-
-def judge_from(spec, device="cpu"):
-    """"path[,path][:views]" -> a SaVILA-tiny judge (an ensemble for several paths) on all views or on one."""
-    paths, _, views = spec.partition(":")
-    judge = savila.load(paths, device=device)
-    for j in getattr(judge, "judges", [judge]):
-        j.views = savila.VIEWS[:1] if views == "1" else savila.VIEWS
-    return judge
 
 
 def pipeline(device="cpu"):
@@ -105,13 +102,14 @@ def preview_auc(args):
     table = {"labels_yes": sum(labels) / len(labels), "n": args.n, "groups": args.groups, "judges": {}}
     for spec in args.judges.split(";"):
         name, _, path = spec.partition("=")
-        judge, rows = judge_from(path), {}
+        judge, rows = load_judge(path, "cpu"), {}
         for k, images in [("final", finals)] + [(k, previews[k]) for k in args.steps_at]:
             t0 = time.perf_counter()
             z = judge.logits(images, texts)
             auc = savila.ranking_auc(z, texts, labels)
             rows[str(k)] = {"auc": auc["mean"], "categories": {c: v for c, v in auc.items() if c != "mean"},
                             "seconds_per_image": (time.perf_counter() - t0) / len(texts)}
+            write_json(os.path.join(args.out, "previews.json"), {**table, "judges": {**table["judges"], name: rows}})
             print(f"{name:8s} step {k!s:>5}: ranking AUC {auc['mean']:.3f}  "
                   + " ".join(f"{c} {v:.2f}" for c, v in auc.items() if c != "mean")
                   + f"  ({rows[str(k)]['seconds_per_image'] * 1e3:.1f} ms/image)", flush=True)
@@ -187,11 +185,21 @@ def plain_points(args, model, encoder, decoder, run, judge, groups):
         total = Cost(**{k: sum(getattr(c, k) for c in per[:N]) for k in vars(Cost())})
         if N == 1:
             total.judge_calls, total.judging_seconds = 0, 0.0  # nothing to choose among: no judge
-        picks = [savila.tournament([answers[j][g] for j in range(N)]) [0] for g in range(len(groups))]
+        picks = [savila.tournament([answers[j][g] for j in range(N)])[0] for g in range(len(groups))]
         chosen = torch.stack([images[j][g] for g, j in enumerate(picks)])
         points.append(point(N, (), chosen, groups, total))
         N *= 2
     return points
+
+
+def warm_up(args, model, encoder, decoder, run, judges, groups):
+    """One-time work out of every measurement: the caption caches (prompts, and each judge's views of them) and
+    the first calls, on a candidate (index --n) that no point uses."""
+    texts = [p.text for p in groups]
+    images, _ = sample_images(model, encoder, decoder, texts, 1, argparse.Namespace(**{**vars(run), "seed": args.seed,
+                              "batch_size": args.batch_size, "steps": 2}), torch.device("cpu"), torch.float32, first=args.n)
+    for judge in judges:
+        judge(images, texts)
 
 
 def point(N, rounds, images, groups, cost):
@@ -204,13 +212,13 @@ def point(N, rounds, images, groups, cost):
     return entry
 
 
-def schedule_point(args, rounds, model, encoder, decoder, run, preview, judge, groups):
+def schedule_point(args, N, rounds, model, encoder, decoder, run, preview, judge, groups):
     cost, texts = Cost(), [p.text for p in groups]
-    sampling = argparse.Namespace(**{**vars(run), "seed": args.seed, "batch_size": args.batch_size})
-    images, _ = sample_images(model, encoder, decoder, texts, args.n, sampling, torch.device("cpu"), torch.float32,
+    sampling = argparse.Namespace(**{**vars(run), "seed": args.seed, "batch_size": args.schedule_batch})
+    images, _ = sample_images(model, encoder, decoder, texts, N, sampling, torch.device("cpu"), torch.float32,
                               rounds, preview, cost)
     kept, _ = best_of(images, texts, rounds[-1][1], 1, counted(judge, cost))
-    return point(args.n, rounds, kept, groups, cost)
+    return point(N, rounds, kept, groups, cost)
 
 
 def plot(points, path):
@@ -241,14 +249,17 @@ def main(argv=None):
     if args.write_previews:
         return write_previews(args)
     model, encoder, decoder, run = pipeline()
-    judge, preview = load_judge(DEFAULT_JUDGE, "cpu"), judge_from(args.preview_judge)
+    judge, preview = load_judge(DEFAULT_JUDGE, "cpu"), load_judge(args.preview_judge, "cpu")
     prompts, seen = shapes.load_eval_prompts(), {}
     if args.eval_prompts:
         prompts = [p for p in prompts if seen.setdefault(p.category, []).append(p) or len(seen[p.category]) <= args.eval_prompts]
     groups = [p for p in prompts for _ in range(shapes.IMAGES_PER_PROMPT)]
+    warm_up(args, model, encoder, decoder, run, [judge, preview], groups)
     points = plain_points(args, model, encoder, decoder, run, judge, groups)
-    for rounds in args.schedules:
-        points.append(schedule_point(args, rounds, model, encoder, decoder, run, preview, judge, groups))
+    write_json(os.path.join(args.out, "early_verdicts.json"), points)
+    for N, rounds in args.schedules:
+        points.append(schedule_point(args, N, rounds, model, encoder, decoder, run, preview, judge, groups))
+        write_json(os.path.join(args.out, "early_verdicts.json"), points)  # each point as soon as it is measured
     write_json(os.path.join(args.out, "early_verdicts.json"), points)
     plot(points, os.path.join(args.out, "early_verdicts.png"))
     return points

