@@ -56,7 +56,8 @@ def test_came8bit_bench_times_other_stack_limits_and_rejects_bad_flags():
     came8bit_bench.step(Probe(), 2**10)
     came8bit_bench.step(Probe(), None)
     assert seen == [2**10, own["cpu"]] and came8bit.MAX_STACK == own
-    for arg, says in (("--stacks=x", "bad --stacks"), ("--device=tpu", "bad --device")):
+    for arg, says in (("--stacks=x", "bad --stacks"), ("--device=tpu", "bad --device"),
+                      ("--compile=maybe", "bad --compile")):
         r = subprocess.run([sys.executable, "bench/came8bit_bench.py", arg], cwd=ROOT, capture_output=True, text=True,
                            timeout=120)
         assert r.returncode != 0 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1
