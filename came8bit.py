@@ -25,8 +25,9 @@ stack, and the small tensors as one vector, so the per-operation overhead is pai
 The state stays in that layout (each tensor's entries are views into one stack or vector per key), so a step
 copies no state; its fp32 work space lives for one step only, and between steps the optimizer holds its state
 and nothing else (`optimizer_held_bytes`). `factored_update` is the per-stack math, eager by default;
-CAME8bit(compile=True) runs it through torch.compile instead. `python bench/came8bit_bench.py` times the laptop
-model's step against torch.optim.AdamW side by side and counts the bytes each optimizer holds.
+CAME8bit(compile=True) runs it through torch.compile instead. `python bench/came8bit_bench.py --threads=2` times
+the laptop model's step against torch.optim.AdamW side by side (~1.27x on a 2-core CPU) and counts the bytes each
+optimizer holds.
 
 Deviations from the official `CAME8BitWrapper` (NVlabs/Sana diffusion/utils/optimizer.py):
 - A block is 2048 consecutive values of the flattened tensor, as Eq. 1 says; the official code splits the
@@ -90,18 +91,15 @@ def quantize_blockwise(x, block_size, leading=0, overwrite=False, out=None):
     if pad:  # repeat the last value: it lies inside the last block's range, so min and max do not move
         flat = torch.cat([flat, flat[..., -1:].expand(*lead, pad)], dim=-1)
     blocks = flat.view(*lead, -1, block_size)  # (*lead, n_blocks, block_size)
-    mins, maxs = blocks.amin(dim=-1, keepdim=True), blocks.amax(dim=-1, keepdim=True)  # aminmax: ~15x slower on CPU
+    codes, mins, scales = out or (None, None, None)
+    mins = torch.amin(blocks, dim=-1, keepdim=True, out=mins)  # (*lead, n_blocks, 1); aminmax: ~15x slower on CPU
     # one code step; the floor guards zero-range blocks (x - min = 0 gives code 0, which dequantizes to min)
-    scales = maxs.sub_(mins).div_(255).clamp_min_(TINY)  # (*lead, n_blocks, 1)
+    scales = torch.sub(blocks.amax(dim=-1, keepdim=True), mins, out=scales).div_(255).clamp_min_(TINY)
     # (x - min) / scale + 0.5 lies in [0.5, 255.5]; truncating it rounds (x - min) / scale to the nearest code
     shifted = blocks.sub_ if overwrite else blocks.sub
-    codes = shifted(mins.sub(scales, alpha=0.5)).mul_(scales.reciprocal())  # (*lead, n_blocks, block_size)
-    codes = codes.to(torch.int16)  # via int16: float -> uint8 is ~3x slower on CPU
-    if out is None:
-        return codes.to(torch.uint8), mins, scales
-    for target, value in zip(out, (codes, mins, scales)):
-        target.copy_(value)
-    return out
+    steps = shifted(mins.sub(scales, alpha=0.5)).mul_(scales.reciprocal())  # (*lead, n_blocks, block_size)
+    steps = steps.to(torch.int16)  # via int16: float -> uint8 is ~3x slower on CPU
+    return steps.to(torch.uint8) if codes is None else codes.copy_(steps), mins, scales
 
 
 def dequantize_blockwise(codes, mins, scales, shape, out=None):
@@ -157,6 +155,11 @@ def _sum_shards(x, groups):
     for group in groups:
         dist.all_reduce(x, group=group)
     return x
+
+
+def _row_mean(x, rows, groups):
+    """(k, r) -> (k, 1): the mean over all `rows` rows of the parameter, this rank's r and the other shards'."""
+    return _sum_shards(x.sum(dim=1, keepdim=True), groups).div_(rows) if groups else x.mean(dim=1, keepdim=True)
 
 
 def optimizer_state_bytes(optimizer):
@@ -303,7 +306,7 @@ def factored_update(grads, weights, st, lr, beta1, beta2, beta3, eps1, eps2, cli
         torch.mul(g, g, out=out)
     row.lerp_(sq.mean(dim=2).add_(eps1), 1 - beta2)  # (k, r) columns are never split
     col.lerp_(_sum_shards(sq.sum(dim=1), shards).div_(rows).add_(eps1), 1 - beta2)  # (k, c)
-    row_factor = row.div(_sum_shards(row.sum(dim=1, keepdim=True), shards) / rows).rsqrt_()  # (k, r) 1/sqrt(r/mean)
+    row_factor = row.div(_row_mean(row, rows, shards)).rsqrt_()  # (k, r) 1/sqrt(r/mean)
     col_factor = col.rsqrt()  # (k, c)
     # update clipping: sum(U^2) = sum_ij row_factor_i^2 g_ij^2 col_factor_j^2 (row vector x matrix first: on a
     # CPU ~8x faster than matrix x column vector)
@@ -323,7 +326,7 @@ def factored_update(grads, weights, st, lr, beta1, beta2, beta3, eps1, eps2, cli
     res = update.sub_(exp_avg).square_()  # (k, r, c) instability (U - m)^2
     res_row.lerp_(res.mean(dim=2).add_(eps2), 1 - beta3)  # (k, r)
     res_col.lerp_(_sum_shards(res.sum(dim=1), shards).div_(rows).add_(eps2), 1 - beta3)  # (k, c)
-    res_row_factor = res_row.div(_sum_shards(res_row.sum(dim=1, keepdim=True), shards) / rows).rsqrt_()  # (k, r)
+    res_row_factor = res_row.div(_row_mean(res_row, rows, shards)).rsqrt_()  # (k, r)
     # p -= lr m / sqrt(R_r R_c^T / mean(R_r)): the row factor here, the column factor inside addcmul_
     step = torch.mul(exp_avg, res_row_factor[:, :, None], out=res)  # (k, r, c)
     for weight, step_i, res_col_factor in zip(weights, matrices, res_col.rsqrt().unbind(0)):
@@ -345,9 +348,11 @@ class CAME8bit(torch.optim.Optimizer):
     compile=True runs factored_update through torch.compile, which fuses its chain of element-wise passes into a
     few kernels, for unsharded parameters (FSDP2 shards stay eager: the column sums are all-reduced mid-update).
     It falls back to the eager update, with a warning, where compiling fails (no C++ compiler for inductor on a
-    CPU, no triton on a GPU). Off by default: on a 2-core CPU it compiles for ~47 s (the laptop model's 11
-    stack shapes) and then steps slower than eager (one (6, 640, 128) 8-bit stack: 6.2 vs 1.9 ms, one thread);
-    on a GPU it is unmeasured (`bench/came8bit_bench.py --device=cuda --compile=True` times both)."""
+    CPU, no triton on a GPU). Off by default: on a 2-core CPU the laptop model's first step compiled for 49 s
+    (empty inductor cache) and later steps took 2.5x AdamW's time against eager's 1.26x
+    (`python bench/came8bit_bench.py --threads=2 --compile=True`; dynamo compiles 8 stack shapes, its
+    recompile_limit, and runs the other 3 eager). On a GPU it is unmeasured: the same command with
+    --device=cuda times both."""
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16), clip_threshold=1.0,
                  weight_decay=0.0, block_size=2048, min_8bit_size=16384, quantize=True, bias_correction=False,

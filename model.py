@@ -233,8 +233,8 @@ class LinearSelfAttention(nn.Module):
         self.k_norm = RMSNorm(D, eps=1e-5) if cfg.qk_norm else nn.Identity()
 
     def forward(self, x):  # (B, N, D)
-        # three products with the thirds of the fused weight: the same numbers, and at 64x64 latents no (B, N, 3D)
-        # tensor over 32 MB (fresh pages every time on a CPU, see MixFFN)
+        # three products with the thirds of the fused weight: the same numbers, and no (B, N, 3D) tensor (over
+        # 32 MB at 64x64 latents and width 512: fresh pages every time on a CPU, see MixFFN)
         q, k, v = (F.linear(x, w) for w in self.qkv.weight.chunk(3))  # 3 x (B, N, D)
         q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (rearrange(z, "b n (h d) -> b h n d", h=self.heads) for z in (q, k, v))  # 3 x (B, h, N, 32)
@@ -295,9 +295,9 @@ class MixFFN(nn.Module):
         # The 1x1 convs are linear layers over the tokens (their weights viewed as out x in matrices), so the
         # tokens stay (B, N, C) throughout: (B, N, 2H) is (B, h, w, 2H), i.e. a channels-last (B, 2H, h, w),
         # which the depthwise conv reads and writes without a layout copy.
-        # Without autograd (inference) the SiLUs overwrite their inputs: on a CPU a fresh tensor over 32 MB (glibc's
-        # largest mmap threshold) is new pages from the OS every time, ~35 ms for the (B, N, 2H) one at 64x64
-        # latents (4 blocks x 512, batch 2) against ~5 ms for the SiLU itself.
+        # Without autograd (inference) the SiLUs and the gating overwrite their inputs: on a CPU a fresh tensor over
+        # 32 MB (glibc's largest mmap threshold) is new pages from the OS every time, which costs several times the
+        # SiLU itself; at 64x64 latents, 4 blocks x 512 and batch 2, (B, N, 2H) is 84 MB.
         inplace = not torch.is_grad_enabled()
         B, N, _ = x.shape
         expand, project = self.inverted_conv.conv, self.point_conv.conv

@@ -10,9 +10,9 @@ CAME-8bit memory and speed (SANA-1.5 Sec. 2.3, Eq. 2): the figures behind the RE
    and two Linear(1024, 1024), stepped on the meta device (which stacks matrices at the GPU limit).
 3. The laptop model ("shapes" preset) with real tensors: measured state and held bytes after one step (the
    state must equal the prediction) and the optimizer step time of CAME8bit against torch.optim.AdamW,
-   interleaved in one run: median over rounds of the time, and of each round's ratio to AdamW's. Gradients
-   are fixed random tensors, so only the optimizer step is timed. With --compile=True also CAME-8bit with
-   compile=True (its first step, which compiles, is timed on its own).
+   interleaved in one run, each round in a rotated order: median over rounds of the time, and of each round's
+   ratio to AdamW's. Gradients are fixed random tensors, so only the optimizer step is timed. With
+   --compile=True also CAME-8bit with compile=True (its first step, which compiles, is timed on its own).
 
 4. With --stacks: CAME-8bit also at other stack limits (came8bit.MAX_STACK, values per stack of same-shape
    matrices), timed in the same interleaved rounds; on a GPU this is where the limit was chosen.
@@ -166,8 +166,12 @@ def timing():
                   f"held {held / n:6.3f} B/param ({held} bytes)")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = {name: [] for name in opts}
-    for _ in range(repeats):  # interleaved rounds: machine load drifts hit every optimizer alike
-        for name, (opt, stack) in opts.items():
+    names = list(opts)
+    for r in range(repeats):  # interleaved rounds: machine load drifts hit every optimizer alike
+        # each round starts one optimizer later: a step finds the caches as the previous optimizer left them, so a
+        # fixed order would favour some optimizers
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            opt, stack = opts[name]
             sync()
             t0 = time.perf_counter()
             for _ in range(steps):
