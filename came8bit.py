@@ -21,9 +21,13 @@ Per step (g = gradient, b1, b2, b3 = betas, e1, e2 = eps; for a matrix, mean ove
 Non-matrix tensors keep a full second moment v (U = g / sqrt(v)) and step with m alone, as in the official code.
 
 Speed, not in the paper: matrices of one shape (the same layer in every block) are updated as one (k, r, c)
-stack, and the small tensors all at once with torch._foreach_*, so the per-operation overhead is paid per
-shape, not per tensor; three work buffers are reused from step to step. `python bench/came8bit_bench.py`
-times the laptop model's step against torch.optim.AdamW side by side (~1.5x on a 2-core CPU).
+stack, and the small tensors as one vector, so the per-operation overhead is paid per shape, not per tensor.
+The state stays in that layout (each tensor's entries are views into one stack or vector per key), so a step
+copies no state; its fp32 work space lives for one step only, and between steps the optimizer holds its state
+and nothing else (`optimizer_held_bytes`). `factored_update` is the per-stack math, eager by default;
+CAME8bit(compile=True) runs it through torch.compile instead. `python bench/came8bit_bench.py --threads=2` times
+the laptop model's step against torch.optim.AdamW side by side (~1.27x on a 2-core CPU) and counts the bytes each
+optimizer holds.
 
 Deviations from the official `CAME8BitWrapper` (NVlabs/Sana diffusion/utils/optimizer.py):
 - A block is 2048 consecutive values of the flattened tensor, as Eq. 1 says; the official code splits the
@@ -51,7 +55,9 @@ Deviations from the official `CAME8BitWrapper` (NVlabs/Sana diffusion/utils/opti
   is per rank: save it per rank and resume with the same world size.
 """
 
+import functools
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -62,7 +68,7 @@ except ImportError:  # torch built without distributed support: nothing can be a
     DTensor = ()
 
 TINY = torch.finfo(torch.float32).tiny  # smallest normal fp32: the floor of a block's code step
-# values per stack of same-shape matrices updated together (each of the three fp32 work buffers holds one stack).
+# values per stack of same-shape matrices updated together (each of a step's two fp32 work buffers holds one).
 # On a CPU 2**22 (16 MB buffers). On a GPU the step is many small element-wise kernels, and bigger stacks mean
 # fewer of them: the 1.6B preset's step on an H200 took 129 ms at 2**22 and 93 ms at 2**26 (+0.6 GiB peak),
 # interleaved in one run of bench/came8bit_bench.py --stacks (README "Speed on one GPU").
@@ -72,25 +78,28 @@ MAX_STACK = {"cpu": 2**22, "gpu": 2**26}
 # the 8-bit quantizer (Eq. 1)
 
 
-def quantize_blockwise(x, block_size, leading=0, overwrite=False):
+def quantize_blockwise(x, block_size, leading=0, overwrite=False, out=None):
     """Eq. 1 on each block of `block_size` consecutive values of x.flatten().
     Returns codes (n_blocks, block_size) uint8, mins (n_blocks, 1) fp32 and scales (n_blocks, 1) fp32 (one per
     row of codes), with value ~= code * scale + min, off by at most scale / 2 (round to nearest).
     leading=1: x is a stack of k tensors, each quantized on its own; the results gain a leading k dim.
-    overwrite=True: x is scratch, and (if fp32 and contiguous) the codes are computed in its memory."""
+    overwrite=True: x is scratch, and (if fp32 and contiguous) the codes are computed in its memory.
+    out: (codes, mins, scales) tensors of those shapes to write the results into (and return)."""
     lead = x.shape[:leading]
     flat = x.detach().reshape(*lead, -1).float()  # (*lead, n)
     pad = -flat.shape[-1] % block_size
     if pad:  # repeat the last value: it lies inside the last block's range, so min and max do not move
         flat = torch.cat([flat, flat[..., -1:].expand(*lead, pad)], dim=-1)
     blocks = flat.view(*lead, -1, block_size)  # (*lead, n_blocks, block_size)
-    mins, maxs = blocks.amin(dim=-1, keepdim=True), blocks.amax(dim=-1, keepdim=True)  # aminmax: ~15x slower on CPU
+    codes, mins, scales = out or (None, None, None)
+    mins = torch.amin(blocks, dim=-1, keepdim=True, out=mins)  # (*lead, n_blocks, 1); aminmax: ~15x slower on CPU
     # one code step; the floor guards zero-range blocks (x - min = 0 gives code 0, which dequantizes to min)
-    scales = maxs.sub_(mins).div_(255).clamp_min_(TINY)  # (*lead, n_blocks, 1)
+    scales = torch.sub(blocks.amax(dim=-1, keepdim=True), mins, out=scales).div_(255).clamp_min_(TINY)
     # (x - min) / scale + 0.5 lies in [0.5, 255.5]; truncating it rounds (x - min) / scale to the nearest code
     shifted = blocks.sub_ if overwrite else blocks.sub
-    codes = shifted(mins.sub(scales, alpha=0.5)).mul_(scales.reciprocal())  # (*lead, n_blocks, block_size)
-    return codes.to(torch.int16).to(torch.uint8), mins, scales  # via int16: float -> uint8 is ~3x slower on CPU
+    steps = shifted(mins.sub(scales, alpha=0.5)).mul_(scales.reciprocal())  # (*lead, n_blocks, block_size)
+    steps = steps.to(torch.int16)  # via int16: float -> uint8 is ~3x slower on CPU
+    return steps.to(torch.uint8) if codes is None else codes.copy_(steps), mins, scales
 
 
 def dequantize_blockwise(codes, mins, scales, shape, out=None):
@@ -148,6 +157,11 @@ def _sum_shards(x, groups):
     return x
 
 
+def _row_mean(x, rows, groups):
+    """(k, r) -> (k, 1): the mean over all `rows` rows of the parameter, this rank's r and the other shards'."""
+    return _sum_shards(x.sum(dim=1, keepdim=True), groups).div_(rows) if groups else x.mean(dim=1, keepdim=True)
+
+
 def optimizer_state_bytes(optimizer):
     """Bytes held by the tensors in any torch optimizer's state (this rank's share under FSDP2)."""
     total = 0
@@ -157,6 +171,38 @@ def optimizer_state_bytes(optimizer):
                 value = _local(value)
                 total += value.numel() * value.element_size()
     return total
+
+
+def optimizer_held_bytes(optimizer):
+    """Bytes of every tensor the optimizer object holds, not only its state: everything reachable from its
+    attributes (state, param_groups, defaults, hooks, any buffer or closure it keeps), each storage counted once,
+    the parameters themselves excluded (they and their gradients belong to the model). This rank's share under
+    FSDP2. Between steps this is what the optimizer costs in memory."""
+    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    seen, storages = set(), {}
+
+    def visit(obj):
+        if id(obj) in seen or id(obj) in params or isinstance(obj, (type, str, bytes, int, float, bool)):
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storage = _local(obj).untyped_storage()
+            storages[storage._cdata] = storage.nbytes()  # views of one storage count once
+        elif isinstance(obj, dict):
+            for key, value in obj.items():
+                visit(key)
+                visit(value)
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            for value in obj:
+                visit(value)
+        elif callable(obj) and hasattr(obj, "__closure__"):  # a function: what its closure captured
+            for cell in obj.__closure__ or ():
+                visit(cell.cell_contents)
+        elif hasattr(obj, "__dict__"):
+            visit(vars(obj))
+
+    visit(vars(optimizer))
+    return sum(storages.values())
 
 
 def predicted_state_bytes(params, optimizer="came8bit", block_size=2048, min_8bit_size=16384):
@@ -192,11 +238,125 @@ def eq2_saved_bytes(params, min_8bit_size=16384):
 # the optimizer
 
 
+def _stack(tensors):
+    """k same-shape tensors as one (k, ...) tensor, and whether it is a new copy. No copy for a single tensor
+    (a view) and when the k tensors already are the k rows of one such tensor, in order: this optimizer's state
+    after its first step (CAME8bit._update_factored makes it so)."""
+    first, k = tensors[0], len(tensors)
+    if k == 1:
+        return first[None], False
+    base = first._base
+    if (base is not None and base.shape[0] == k and base.shape[1:] == first.shape
+            and all([t._base is base for t in tensors])
+            and [t.storage_offset() for t in tensors] == list(range(base.storage_offset(), base.storage_offset()
+                                                                      + k * base.stride(0), base.stride(0)))):
+        return base, False
+    return torch.stack(tensors), True
+
+
+def _concat(tensors, sizes):
+    """Tensors of `sizes` values, flattened and concatenated into one vector, and whether it is a new copy. No
+    copy for a single tensor and when they already lie back to back in one vector, in order (the state after its
+    first step, see CAME8bit._update_full)."""
+    first = tensors[0]
+    if len(tensors) == 1:
+        return first.view(-1), False
+    base = first._base
+    offsets = [0]
+    for n in sizes[:-1]:
+        offsets.append(offsets[-1] + n)
+    if (base is not None and base.dim() == 1 and base.numel() == offsets[-1] + sizes[-1]
+            and all([t._base is base for t in tensors])
+            and [t.storage_offset() - base.storage_offset() for t in tensors] == offsets):
+        return base, False
+    return torch.cat([t.reshape(-1) for t in tensors]), True
+
+
+def _work_space(n):
+    """fp32 work space for one optimizer step: work(i, shape, device) is buffer i (0 or 1, n values each) viewed as
+    `shape`, the two carved from one tensor allocated at the first call. step() makes a new one per call and drops
+    it on return, so no work space survives a step: between steps the optimizer holds its state and nothing else
+    (`optimizer_held_bytes`). Within a step every stack reuses the same memory: on a CPU a fresh large tensor
+    costs its page faults each time (up to ~2x the price of one pass over it)."""
+    flats = {}
+
+    def work(i, shape, device):
+        if device not in flats:
+            flats[device] = torch.empty(2 * n, dtype=torch.float32, device=device)
+        return flats[device][i * n: i * n + math.prod(shape)].view(shape)
+    return work
+
+
+def factored_update(grads, weights, st, lr, beta1, beta2, beta3, eps1, eps2, clip, rows, n, shards=(), work=None):
+    """One step of k same-shape matrices (the equations at the top), in place: the readable definition, and what
+    CAME8bit(compile=True) hands to torch.compile. grads: the k (r, c) fp32 gradients, only read; weights: the k
+    (r, c) fp32 matrices, stepped by lr (weight decay is already applied); st: the stacked state, statistics (k, r)
+    and (k, c) and m either as "exp_avg" (k, r, c) or in 8 bits ("exp_avg_codes" (k, n_blocks, block_size),
+    "exp_avg_min", "exp_avg_scale"), all updated. rows, n: one matrix's global row count and size (under FSDP2 r
+    is this rank's share; shards: the process groups that split the rows). work(i, shape): fp32 tensors to compute
+    in (see _work_space); None: fresh ones. Past the first lines each line is one operation over all k matrices,
+    and every number is still each matrix's own (sums run over dims 1 and 2, never over k)."""
+    k, (r, c) = len(grads), grads[0].shape
+    device = grads[0].device
+    buffer = work or (lambda i, shape, device: torch.empty(shape, device=device))
+    row, col, res_row, res_col = (st[f"exp_avg_{a}_{b}"] for a in ("sq", "res") for b in ("row", "col"))
+    sq = buffer(0, (k, r, c), device)  # g^2, then U, then (U - m)^2, then the step
+    matrices = sq.unbind(0)  # k (r, c) views
+    for g, out in zip(grads, matrices):  # one matrix at a time: no stacked copy of the gradients
+        torch.mul(g, g, out=out)
+    row.lerp_(sq.mean(dim=2).add_(eps1), 1 - beta2)  # (k, r) columns are never split
+    col.lerp_(_sum_shards(sq.sum(dim=1), shards).div_(rows).add_(eps1), 1 - beta2)  # (k, c)
+    row_factor = row.div(_row_mean(row, rows, shards)).rsqrt_()  # (k, r) 1/sqrt(r/mean)
+    col_factor = col.rsqrt()  # (k, c)
+    # update clipping: sum(U^2) = sum_ij row_factor_i^2 g_ij^2 col_factor_j^2 (row vector x matrix first: on a
+    # CPU ~8x faster than matrix x column vector)
+    weighted = torch.bmm(row_factor.square()[:, None, :], sq).squeeze(1)  # (k, c) sum_i row_factor_i^2 g_ij^2
+    sum_sq = _sum_shards(weighted.mul_(col_factor.square()).sum(dim=1), shards)  # (k,)
+    row_factor.div_(sum_sq.div_(n * clip**2).sqrt_().clamp_min_(1.0)[:, None])  # / max(1, RMS(U) / clip)
+    for g, f, out in zip(grads, row_factor.unsqueeze(2).unbind(0), matrices):
+        torch.mul(g, f, out=out)
+    update = sq.mul_(col_factor[:, None, :])  # (k, r, c) clipped U
+    quantized = "exp_avg" not in st
+    if quantized:
+        codes, mins, scales = st["exp_avg_codes"], st["exp_avg_min"], st["exp_avg_scale"]
+        exp_avg = dequantize_blockwise(codes, mins, scales, (r, c), out=buffer(1, codes.shape, device))  # (k, r, c)
+    else:
+        exp_avg = st["exp_avg"].view(k, r, c)
+    exp_avg.lerp_(update, 1 - beta1)  # m
+    res = update.sub_(exp_avg).square_()  # (k, r, c) instability (U - m)^2
+    res_row.lerp_(res.mean(dim=2).add_(eps2), 1 - beta3)  # (k, r)
+    res_col.lerp_(_sum_shards(res.sum(dim=1), shards).div_(rows).add_(eps2), 1 - beta3)  # (k, c)
+    res_row_factor = res_row.div(_row_mean(res_row, rows, shards)).rsqrt_()  # (k, r)
+    # p -= lr m / sqrt(R_r R_c^T / mean(R_r)): the row factor here, the column factor inside addcmul_
+    step = torch.mul(exp_avg, res_row_factor[:, :, None], out=res)  # (k, r, c)
+    for weight, step_i, res_col_factor in zip(weights, matrices, res_col.rsqrt().unbind(0)):
+        weight.view(r, c).addcmul_(step_i, res_col_factor, value=-lr)
+    if quantized:  # m back in 8 bits, each matrix its own blocks; this step used the fp32 m (official order)
+        quantize_blockwise(exp_avg, codes.shape[-1], leading=1, overwrite=True, out=(codes, mins, scales))
+
+
+@functools.cache
+def _compiled_update():
+    """factored_update through torch.compile, built once per process (kept here, not on an optimizer: compiled
+    code is not optimizer state)."""
+    return torch.compile(factored_update)
+
+
 class CAME8bit(torch.optim.Optimizer):
-    """CAME with block-wise 8-bit first moments (Sec. 2.3). quantize=False is plain 32-bit CAME."""
+    """CAME with block-wise 8-bit first moments (Sec. 2.3). quantize=False is plain 32-bit CAME.
+
+    compile=True runs factored_update through torch.compile, which fuses its chain of element-wise passes into a
+    few kernels, for unsharded parameters (FSDP2 shards stay eager: the column sums are all-reduced mid-update).
+    It falls back to the eager update, with a warning, where compiling fails (no C++ compiler for inductor on a
+    CPU, no triton on a GPU). Off by default: on a 2-core CPU the laptop model's first step compiled for 49 s
+    (empty inductor cache) and later steps took 2.5x AdamW's time against eager's 1.26x
+    (`python bench/came8bit_bench.py --threads=2 --compile=True`; dynamo compiles 8 stack shapes, its
+    recompile_limit, and runs the other 3 eager). On a GPU it is unmeasured: the same command with
+    --device=cuda times both."""
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16), clip_threshold=1.0,
-                 weight_decay=0.0, block_size=2048, min_8bit_size=16384, quantize=True, bias_correction=False):
+                 weight_decay=0.0, block_size=2048, min_8bit_size=16384, quantize=True, bias_correction=False,
+                 compile=False):
         if not lr >= 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if len(betas) != 3 or not all(0 <= b < 1 for b in betas):
@@ -213,7 +373,7 @@ class CAME8bit(torch.optim.Optimizer):
                         weight_decay=weight_decay, block_size=block_size, min_8bit_size=min_8bit_size,
                         quantize=quantize, bias_correction=bias_correction)
         super().__init__(params, defaults)
-        self._buffers = {}  # work buffers of _update_factored (see _work)
+        self.compile = compile  # not a param_group entry: saved checkpoints stay loadable either way
 
     def _init_state(self, p, group):
         local = _local(p)
@@ -244,134 +404,100 @@ class CAME8bit(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if any(p.grad.is_sparse for p in params):
                 raise ValueError("CAME8bit does not support sparse gradients; use dense gradients")
-            for p in params:
-                if p not in self.state or not self.state[p]:
-                    self._init_state(p, group)
             # tensors updated together: matrices of one shape and 8-bit setting (stacked, up to MAX_STACK values
-            # at once), and all the rest (torch._foreach_*), each kind by the process groups that shard it
+            # at once), and all the rest (as one vector), each kind by the process groups that shard it
             full, factored = {}, {}
             for p in params:
+                state = self.state[p]
+                if not state:
+                    self._init_state(p, group)
                 shards = tuple(_shard_groups(p))
                 if not is_matrix(p):
                     full.setdefault(shards, []).append(p)
                     continue
-                stacks = factored.setdefault((shards, p.shape, _local(p).shape, "exp_avg" in self.state[p]), [[]])
+                stacks = factored.setdefault((shards, p.shape, _local(p).shape, "exp_avg" in state), [[]])
                 limit = MAX_STACK["cpu" if p.device.type == "cpu" else "gpu"]
                 if (len(stacks[-1]) + 1) * p.numel() > limit and stacks[-1]:
                     stacks.append([])
                 stacks[-1].append(p)
-            for (shards, *_), stacks in factored.items():
-                for ps in stacks:
-                    self._update_factored(ps, group, list(shards))
+            stacks = [(ps, list(shards)) for (shards, *_), kind in factored.items() for ps in kind]
+            block = group["block_size"]
+            work = _work_space(max([len(ps) * -(-_local(ps[0]).numel() // block) * block for ps, _ in stacks],
+                                   default=0))  # this step's work space: buffers of the largest stack's size
+            for ps, shards in stacks:
+                self._update_factored(ps, group, shards, work)
             for shards, ps in full.items():
                 self._update_full(ps, group, list(shards))
         return loss
 
     def _update_full(self, params, group, shards):
         """Biases, norms, 3x3 and depthwise kernels: U = g / sqrt(v), clipped, m, p -= lr m; no confidence term
-        without factored statistics (official code). Many small tensors, so all at once with torch._foreach_*."""
+        without factored statistics (official code). Many small tensors, so all at once: the gradients are
+        concatenated into one vector and the state stays one vector per key (after the first step each tensor's
+        v and m are views into it), so each line is one operation for all of them, not one per tensor."""
         lr, wd, clip = group["lr"], group["weight_decay"], group["clip_threshold"]
         beta1, beta2, _ = group["betas"]
         eps1 = group["eps"][0]
         states = [self.state[p] for p in params]
-        grads = [_fp32(p.grad) for p in params]  # fp32 island (Sec. 2.3)
+        sizes = [_local(p).numel() for p in params]
+        exp_avg_sq, fresh = _concat([s["exp_avg_sq"] for s in states], sizes)  # (N,) v of every tensor
+        exp_avg, _ = _concat([s["exp_avg"] for s in states], sizes)  # (N,) m
+        grad = torch.cat([_fp32(p.grad).reshape(-1) for p in params])  # (N,) fp32 island (Sec. 2.3), a copy
         weights = [_fp32(p) for p in params]  # the params themselves when fp32
-        exp_avg_sq, exp_avg = [s["exp_avg_sq"] for s in states], [s["exp_avg"] for s in states]
         if wd:
             torch._foreach_mul_(weights, 1 - lr * wd)
-        sq = torch._foreach_mul(grads, grads)
-        torch._foreach_add_(sq, eps1)
-        torch._foreach_lerp_(exp_avg_sq, sq, 1 - beta2)  # v
-        update = torch._foreach_div(grads, torch._foreach_sqrt(exp_avg_sq))  # U
-        sum_sq = _sum_shards(torch.stack(torch._foreach_norm(update)).square_(), shards)  # (k,) sum(U^2) each
-        numel = torch.tensor([p.numel() for p in params], dtype=torch.float32, device=sum_sq.device)  # global
-        torch._foreach_div_(update, list(sum_sq.div_(numel * clip**2).sqrt_().clamp_min_(1.0).unbind()))
-        torch._foreach_lerp_(exp_avg, update, 1 - beta1)  # m
-        torch._foreach_add_(weights, exp_avg, alpha=-lr)
+        exp_avg_sq.lerp_(grad.square().add_(eps1), 1 - beta2)  # v
+        update = grad.div_(exp_avg_sq.sqrt())  # (N,) U
+        lengths = torch.tensor(sizes, device=grad.device)
+        sum_sq = _sum_shards(torch.segment_reduce(update.square(), "sum", lengths=lengths), shards)  # (T,) each
+        numel = torch.tensor([p.numel() for p in params], dtype=torch.float32, device=grad.device)  # global
+        clipping = sum_sq.div_(numel * clip**2).sqrt_().clamp_min_(1.0)  # (T,) max(1, RMS(U) / clip) each
+        exp_avg.lerp_(update.div_(clipping.repeat_interleave(lengths, output_size=len(update))), 1 - beta1)  # m
+        if fresh:  # the new vectors become the state: per tensor, views into them
+            for key, flat in (("exp_avg_sq", exp_avg_sq), ("exp_avg", exp_avg)):
+                for state, p, view in zip(states, params, flat.split(sizes)):
+                    state[key] = view.view(_local(p).shape)
+        torch._foreach_add_(weights, [s["exp_avg"] for s in states], alpha=-lr)
         for p, weight in zip(params, weights):
             if weight is not _local(p):
                 _local(p).copy_(weight)
 
-    def _work(self, i, shape, device):
-        """fp32 work buffer i of `shape`, reused from step to step: on a CPU a fresh large tensor costs its page
-        faults every time (~2x the price of one pass over it). Three at most, each the size of the largest stack
-        (MAX_STACK values, or one large matrix); never part of the state."""
-        n = math.prod(shape)
-        buf = self._buffers.get(i)
-        if buf is None or buf.numel() < n or buf.device != device:
-            buf = self._buffers[i] = torch.empty(n, dtype=torch.float32, device=device)
-        return buf[:n].view(shape)
-
-    def _update_factored(self, params, group, shards):
-        """Linear weights and 1x1 convs of one shape: the factored statistics, the confidence term, the 8-bit m.
-        The k matrices are stacked into (k, r, c) tensors, so each line below is one pass over all of them; every
-        number is still each matrix's own (sums and means run over dims 1 and 2, never over k). On a CPU a small
-        matrix costs more in per-operation overhead than in arithmetic, which the stack pays once for k."""
+    def _update_factored(self, params, group, shards, work):
+        """Linear weights and 1x1 convs of one shape, stacked into (k, r, c) tensors (factored_update). On a CPU a
+        small matrix costs more in per-operation overhead than in arithmetic, which the stack pays once for k. The
+        state stays stacked: after the first step each matrix's entries are views into one (k, ...) tensor per
+        key, so the next step finds the stack in place (no copy) and updates it in place."""
         states = [self.state[p] for p in params]
-        lr, wd, clip = group["lr"], group["weight_decay"], group["clip_threshold"]
-        beta1, beta2, beta3 = group["betas"]
-        eps1, eps2 = group["eps"]
+        st = {key: _stack([state[key] for state in states]) for key in states[0]}  # key: ((k, ...), new copy?)
+        fresh = [key for key, (_, new) in st.items() if new]
+        st = {key: stacked for key, (stacked, _) in st.items()}
         rows, n = params[0].shape[0], params[0].numel()  # global: means and the RMS span every shard
-        shape, device = _local(params[0]).shape, _local(params[0]).device
+        shape = _local(params[0]).shape
         r, c = shape[0], math.prod(shape[1:])  # this rank's rows; 1x1 convs as out x in matrices
-        k = len(params)
-
-        def stack(tensors, work=None):
-            """(k, ...) from k tensors: a copy (into work buffer `work`); for one matrix a view, no copy (large
-            matrices, e.g. every one at 1.6B, update one by one), so in-place updates land in the state itself."""
-            if k == 1:
-                return tensors[0][None]
-            return torch.stack(tensors, out=None if work is None else self._work(work, (k, *tensors[0].shape), device))
-
-        # fp32 island: all optimizer statistics are fp32 (Sec. 2.3); grad is only read below
-        grad = stack([_fp32(p.grad).view(r, c) for p in params], work=0)  # (k, r, c)
-        state_of = lambda key: stack([state[key] for state in states])  # noqa: E731
-        if "exp_avg" in states[0]:
-            exp_avg = state_of("exp_avg").view(grad.shape)  # (k, r, c)
-        else:
-            codes = state_of("exp_avg_codes")
-            exp_avg = dequantize_blockwise(codes, state_of("exp_avg_min"), state_of("exp_avg_scale"), (r, c),
-                                           out=self._work(2, codes.shape, device))
-        row, col, res_row, res_col = (state_of(f"exp_avg_{a}_{b}") for a in ("sq", "res") for b in ("row", "col"))
-
+        # fp32 island: all optimizer statistics are fp32 (Sec. 2.3)
+        grads = [_fp32(p.grad).view(r, c) for p in params]
         weights = [_fp32(p) for p in params]  # the params themselves when fp32; fp32 copies for bf16
+        lr, wd = group["lr"], group["weight_decay"]
         if wd:
             torch._foreach_mul_(weights, 1 - lr * wd)  # decoupled weight decay (AdamW-style), as came_pytorch
-        buf = torch.mul(grad, grad, out=self._work(1, grad.shape, device))  # (k, r, c) g^2, later U, U - m
-        row.lerp_(buf.mean(dim=2).add_(eps1), 1 - beta2)  # (k, r) columns are never split
-        col.lerp_(_sum_shards(buf.sum(dim=1), shards).div_(rows).add_(eps1), 1 - beta2)  # (k, c)
-        row_factor = row.div(_sum_shards(row.sum(dim=1, keepdim=True), shards) / rows).rsqrt_()  # (k, r) 1/sqrt(r/mean)
-        col_factor = col.rsqrt()  # (k, c)
-        # update clipping: sum(U^2) = sum_ij row_factor_i^2 g_ij^2 col_factor_j^2 (row vector x matrix first: on a
-        # CPU ~8x faster than matrix x column vector)
-        weighted = torch.bmm(row_factor.square()[:, None, :], buf).squeeze(1)  # (k, c) sum_i row_factor_i^2 g_ij^2
-        sum_sq = _sum_shards(weighted.mul_(col_factor.square()).sum(dim=1), shards)  # (k,)
-        row_factor.div_(sum_sq.div_(n * clip**2).sqrt_().clamp_min_(1.0)[:, None])  # / max(1, RMS(U) / clip)
-        update = torch.mul(grad, row_factor[:, :, None], out=buf).mul_(col_factor[:, None, :])  # (k, r, c) clipped U
-        exp_avg.lerp_(update, 1 - beta1)  # m
-        res = update.sub_(exp_avg).square_()  # (k, r, c) instability (U - m)^2
-        res_row.lerp_(res.mean(dim=2).add_(eps2), 1 - beta3)  # (k, r)
-        res_col.lerp_(_sum_shards(res.sum(dim=1), shards).div_(rows).add_(eps2), 1 - beta3)  # (k, c)
-        res_row_factor = res_row.div(_sum_shards(res_row.sum(dim=1, keepdim=True), shards) / rows).rsqrt_()  # (k, r)
+        beta1, beta2, beta3 = group["betas"]
         # optional: R / (1 - b3^t) is the same as lr * sqrt(1 - b3^t) (the row factor is scale-free)
         lr_r = lr * math.sqrt(1 - beta3 ** group["step"]) if group["bias_correction"] else lr
-        # p -= lr m / sqrt(R_r R_c^T / mean(R_r)): the row factor here, the column factor inside addcmul_
-        step = torch.mul(exp_avg, res_row_factor[:, :, None], out=res)  # (k, r, c)
-        for p, weight, step_i, res_col_factor in zip(params, weights, step, res_col.rsqrt()):
-            weight.view(r, c).addcmul_(step_i, res_col_factor, value=-lr_r)
+        args = (grads, weights, st, lr_r, beta1, beta2, beta3, *group["eps"], group["clip_threshold"], rows, n)
+        if self.compile and not shards:
+            try:
+                _compiled_update()(*args)  # its own work space, inside the fused kernels
+            except torch._dynamo.exc.BackendCompilerFailed as e:  # raised before the compiled code runs
+                warnings.warn(f"CAME8bit: torch.compile failed ({str(e).splitlines()[0]}); using the eager update")
+                self.compile = False
+        if not self.compile or shards:
+            factored_update(*args, shards, work)
+        for p, weight in zip(params, weights):
             if weight is not _local(p):
                 _local(p).copy_(weight)
-
-        # the new state: per matrix, views into this step's stacks (the next step stacks them again)
-        if "exp_avg" in states[0]:
-            new = {"exp_avg": exp_avg.view(len(params), *shape)}
-        else:  # store m back in 8 bits, each matrix its own blocks; this step used the fp32 m (official order)
-            new = dict(zip(("exp_avg_codes", "exp_avg_min", "exp_avg_scale"),
-                           quantize_blockwise(exp_avg, states[0]["exp_avg_codes"].shape[1], leading=1, overwrite=True)))
-        new.update(exp_avg_sq_row=row, exp_avg_sq_col=col, exp_avg_res_row=res_row, exp_avg_res_col=res_col)
-        new = {key: value.unbind(0) for key, value in new.items()}
-        for i, state in enumerate(states):
-            state.update({key: views[i] for key, views in new.items()})
+        for key in fresh:  # a new stacked copy becomes the state: per matrix, views into it
+            for state, view in zip(states, st[key].unbind(0)):
+                state[key] = view
 
     def load_state_dict(self, state_dict):
         """torch casts every loaded state tensor to its parameter's dtype, which would turn uint8 codes into

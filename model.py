@@ -104,22 +104,39 @@ def timestep_embedding(t, dim=256, max_period=10000):
 
 
 def modulate(x, shift, scale):
-    """adaLN modulation, the official t2i_modulate: shift, scale (B, 1, D) broadcast over the N tokens."""
-    return x * (1 + scale) + shift
+    """adaLN modulation, the official t2i_modulate x * (1 + scale) + shift in one pass: shift, scale (B, 1, D)
+    broadcast over the N tokens."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 def relu_linear_attention(q, k, v, eps):
     """ReLU linear attention, out_i = sum_n v_n (k_n . q_i) / (sum_n k_n . q_i + eps).
 
-    q, k (B, h, N, d), v (B, h, N, e) -> (B, h, N, e). Cost O(N d e) instead of O(N^2): the d x e matrix
-    sum_n k_n v_n^T is built once. fp32 island, as the official fp32_attention: the sums over N tokens exceed
-    fp16's range (6.5e5; SANA-1.5 App. C) and lose precision in bf16. q and k may already be ReLU'd (DC-AE).
+    q, k (B, h, N, d), v (B, h, N, e) -> (B, h, N, e). Cost O(N d e) instead of O(N^2): the d x (e + 1) matrix
+    sum_n k_n [v_n, 1]^T is built once. Its last column, sum_n k_n, is what the official code gets by padding v
+    with ones (here without a padded copy of v), and it makes the normaliser the last output column of the same
+    matmul as the numerators. fp32 island, as the official fp32_attention: the sums over N tokens exceed fp16's
+    range (6.5e5; SANA-1.5 App. C) and lose precision in bf16 (`.float()` costs nothing for fp32 inputs). q and k
+    may already be ReLU'd (DC-AE).
     """
-    q, k, v = F.relu(q).float(), F.relu(k).float(), v.float()
-    kv = torch.einsum("bhnd,bhne->bhde", k, v)  # (B, h, d, e)
-    num = torch.einsum("bhnd,bhde->bhne", q, kv)  # (B, h, N, e)
-    den = torch.einsum("bhnd,bhd->bhn", q, k.sum(dim=2))  # (B, h, N): the "pad v with ones" row
-    return num / (den[..., None] + eps)  # (B, h, N, e) fp32
+    # q and k copied once, into the (B, h, N, d) layout the batched matmuls need (given strided views of the
+    # tokens, the matmuls would copy them anyway), and ReLU'd in place in that copy
+    q, k = (z.float().clone(memory_format=torch.contiguous_format).relu_() for z in (q, k))
+    v = v.float()
+    kv = torch.cat([k.transpose(-1, -2) @ v, k.sum(dim=2)[..., None]], dim=-1)  # (B, h, d, e + 1)
+    out = q @ kv  # (B, h, N, e + 1): numerators, then sum_n k_n . q_i
+    return out[..., :-1] / (out[..., -1:] + eps)  # (B, h, N, e) fp32
+
+
+def text_length(y_mask):
+    """How many leading text positions can matter: up to the batch's last real token. Later positions are padding
+    in every caption, masked to exactly zero weight (exp(-1e4) underflows to 0 in fp32), so the caption MLP and
+    the cross-attention skip them without changing a number (the official code, with xformers installed, also
+    attends to real tokens only, packed with masked_select). A caption without any real token would attend to
+    all L positions alike; then nothing is cut. One host sync, for the int."""
+    L = y_mask.shape[1]
+    last = (torch.arange(1, L + 1, device=y_mask.device) * y_mask.any(dim=0)).max()  # 1 + last real position
+    return int(torch.where(y_mask.any(dim=1).all(), last, L))
 
 
 # -----------------------------------------------------------------------------
@@ -222,7 +239,9 @@ class LinearSelfAttention(nn.Module):
         self.k_norm = RMSNorm(D, eps=1e-5) if cfg.qk_norm else nn.Identity()
 
     def forward(self, x):  # (B, N, D)
-        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x (B, N, D)
+        # three products with the thirds of the fused weight: the same numbers, and no (B, N, 3D) tensor (over
+        # 32 MB at 64x64 latents and width 512: fresh pages every time on a CPU, see MixFFN)
+        q, k, v = (F.linear(x, w) for w in self.qkv.weight.chunk(3))  # 3 x (B, N, D)
         q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (rearrange(z, "b n (h d) -> b h n d", h=self.heads) for z in (q, k, v))  # 3 x (B, h, N, 32)
         out = relu_linear_attention(q, k, v, self.eps).to(x.dtype)  # (B, h, N, 32)
@@ -279,10 +298,21 @@ class MixFFN(nn.Module):
         self.point_conv = ConvLayer(H, D, 1, bias=False)
 
     def forward(self, x, hw):  # x (B, N, D), hw = (h, w) with N = h*w
-        x = rearrange(x, "b (h w) d -> b d h w", h=hw[0], w=hw[1])  # (B, D, h, w)
-        a, gate = self.depth_conv(F.silu(self.inverted_conv(x))).chunk(2, dim=1)  # 2 x (B, H, h, w)
-        x = self.point_conv(a * F.silu(gate))  # (B, D, h, w)
-        return rearrange(x, "b d h w -> b (h w) d")  # (B, N, D)
+        # The 1x1 convs are linear layers over the tokens (their weights viewed as out x in matrices), so the
+        # tokens stay (B, N, C) throughout: (B, N, 2H) is (B, h, w, 2H), i.e. a channels-last (B, 2H, h, w),
+        # which the depthwise conv reads and writes without a layout copy.
+        # Without autograd (inference) the SiLUs and the gating overwrite their inputs: on a CPU a fresh tensor over
+        # 32 MB (glibc's largest mmap threshold) is new pages from the OS every time, which costs several times the
+        # SiLU itself; at 64x64 latents, 4 blocks x 512 and batch 2, (B, N, 2H) is 84 MB.
+        inplace = not torch.is_grad_enabled()
+        B, N, _ = x.shape
+        expand, project = self.inverted_conv.conv, self.point_conv.conv
+        x = F.silu(F.linear(x, expand.weight.flatten(1), expand.bias), inplace=inplace)  # (B, N, 2H)
+        x = x.view(B, *hw, -1).permute(0, 3, 1, 2)  # (B, 2H, h, w) channels last
+        a, gate = self.depth_conv(x).chunk(2, dim=1)  # 2 x (B, H, h, w)
+        gate = F.silu(gate, inplace=inplace)
+        x = (a.mul_(gate) if inplace else a * gate).permute(0, 2, 3, 1).reshape(B, N, -1)  # (B, N, H), a view
+        return F.linear(x, project.weight.flatten(1))  # (B, N, D)
 
 
 class SanaBlock(nn.Module):
@@ -302,10 +332,9 @@ class SanaBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None] + t0.reshape(-1, 6, x.shape[-1])
         ).chunk(6, dim=1)  # 6 x (B, 1, D)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))  # x + gate * attn
         x = x + self.cross_attn(x, y, bias)
-        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), hw)
-        return x
+        return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), hw))
 
 
 class FinalLayer(nn.Module):
@@ -378,8 +407,9 @@ class LinearDiT(nn.Module):
             x = x + sincos_pos_embed(c.hidden_size, hw, c.pe_interpolation, c.pe_base_size).to(x)  # + (N, D)
         t = self.t_embedder(t.to(x.device))  # (B, D)
         t0 = self.t_block(t)  # (B, 6D)
-        y = self.attention_y_norm(self.y_embedder(y.to(x.dtype)))  # (B, L, D)
-        bias = (1 - y_mask.to(x.dtype))[:, None, None, :] * -10000.0  # (B, 1, 1, L), as diffusers and official SDPA
+        L = text_length(y_mask)  # trailing all-padding positions dropped
+        y = self.attention_y_norm(self.y_embedder(y[:, :L].to(x.dtype)))  # (B, L, D)
+        bias = (1 - y_mask[:, :L].to(x.dtype))[:, None, None, :] * -10000.0  # (B, 1, 1, L), as diffusers, official SDPA
         for block in self.blocks:
             if self.config.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, y, bias, t0, hw, use_reentrant=False)

@@ -56,7 +56,30 @@ def test_came8bit_bench_times_other_stack_limits_and_rejects_bad_flags():
     came8bit_bench.step(Probe(), 2**10)
     came8bit_bench.step(Probe(), None)
     assert seen == [2**10, own["cpu"]] and came8bit.MAX_STACK == own
-    for arg, says in (("--stacks=x", "bad --stacks"), ("--device=tpu", "bad --device")):
+    for arg, says in (("--stacks=x", "bad --stacks"), ("--device=tpu", "bad --device"),
+                      ("--compile=maybe", "bad --compile")):
         r = subprocess.run([sys.executable, "bench/came8bit_bench.py", arg], cwd=ROOT, capture_output=True, text=True,
                            timeout=120)
         assert r.returncode != 0 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_diffusers_bench_runs_tiny_and_rejects_bad_flags():
+    r = subprocess.run([sys.executable, "bench/diffusers_bench.py", "--depth=1", "--width=64", "--sizes=4,8",
+                        "--repeats=1", "--threads=1", "--text_tokens=16"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        assert "diffusers is not installed" in r.stdout and len(r.stdout.strip().splitlines()) == 1
+        return
+    lines = r.stdout.splitlines()
+    difference = float(lines[0].split("differ by ")[1].split()[0])
+    assert difference < 1e-5  # the same weights give the same function
+    rows = [line.split() for line in lines if line.strip().startswith(("4x4", "8x8")) and "->" not in line]
+    assert [row[0] for row in rows] == ["4x4", "8x8"] and all(float(row[-1]) > 0 for row in rows)
+    assert "4x4 -> 8x8 (4x tokens): ours" in r.stdout
+    for arg, says in (("--sizes=a", "bad --sizes"), ("--nope=1", "bad argument"), ("--qk_norm=maybe", "bad --qk_norm")):
+        r = subprocess.run([sys.executable, "bench/diffusers_bench.py", arg], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1

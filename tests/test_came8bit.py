@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from came8bit import (CAME8bit, dequantize_blockwise, eq2_saved_bytes, optimizer_state_bytes, predicted_state_bytes,
-                      quantize_blockwise)
+from came8bit import (CAME8bit, dequantize_blockwise, eq2_saved_bytes, optimizer_held_bytes, optimizer_state_bytes,
+                      predicted_state_bytes, quantize_blockwise)
 
 BETAS, EPS = (0.9, 0.999, 0.9999), (1e-30, 1e-16)
 
@@ -270,6 +270,23 @@ def test_same_shape_matrices_stacked_equal_one_by_one(monkeypatch):
         assert torch.equal(p, p2)
 
 
+def test_state_is_updated_in_place_after_the_first_step():
+    """After its first step the state of a stack (and of the small tensors) is views into one tensor per key, which
+    later steps update in place: no state tensor is copied or replaced."""
+    gen = torch.Generator().manual_seed(11)
+    params = make_params(gen) + [nn.Parameter(torch.randn(130, 130, generator=gen))]  # two 130x130: one stack
+    opt = CAME8bit(params, lr=1e-3)
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+        where = {(id(p), key): (value.data_ptr(), value) for p in params for key, value in opt.state[p].items()}
+        if step:
+            assert all(where[key][0] == before[key][0] for key in where), "a state tensor was copied"
+        before = where
+    assert opt.state[params[0]]["exp_avg_codes"]._base is opt.state[params[-1]]["exp_avg_codes"]._base
+
+
 def test_bf16_params_step_in_fp32_and_keep_fp32_state_through_load():
     p = nn.Parameter(torch.randn(200, 100).bfloat16())
     p32 = nn.Parameter(p.detach().float())
@@ -322,6 +339,44 @@ def test_predicted_bytes_match_measured_and_work_on_meta():
     assert predicted_state_bytes(meta, "came8bit") < predicted_state_bytes(meta, "came") < 8 * n
 
 
+def test_held_bytes_between_steps_are_the_state_alone():
+    """Everything reachable from the optimizer object (not only `state`) after a step: nothing beyond the state, for
+    two Linear(1024, 1024) (there 1/7 of AdamW's or less) and for the laptop model."""
+    from model import PRESETS, LinearDiT
+
+    torch.manual_seed(0)
+    nets = {"two Linear(1024, 1024)": nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 1024)),
+            "laptop": LinearDiT(PRESETS["shapes"])}
+    for name, net in nets.items():
+        params = list(net.parameters())
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        ours, adamw = CAME8bit(params), torch.optim.AdamW(params)
+        for _ in range(2):
+            ours.step()
+            adamw.step()
+        held = optimizer_held_bytes(ours)
+        assert held == optimizer_state_bytes(ours) == predicted_state_bytes(params), name
+        assert optimizer_held_bytes(adamw) == predicted_state_bytes(params, "adamw"), name
+        if name.startswith("two"):
+            assert held <= optimizer_held_bytes(adamw) / 7, (held, optimizer_held_bytes(adamw))
+
+
+def test_held_bytes_find_buffers_anywhere_and_count_views_once():
+    p = nn.Parameter(torch.randn(200, 100))
+    p.grad = torch.randn(200, 100)
+    opt = CAME8bit([p])
+    opt.step()
+    state = optimizer_held_bytes(opt)
+    assert state == optimizer_state_bytes(opt)  # the parameter and its gradient are not the optimizer's
+    buf = torch.empty(1000)
+    opt.cache = {"work": [buf, buf[:10]]}  # an attribute, a view of it
+    assert optimizer_held_bytes(opt) == state + 4000
+    opt.cache = None
+    opt.hook = lambda: buf.sum()  # captured by a closure
+    assert optimizer_held_bytes(opt) == state + 4000
+
+
 def test_bad_arguments_raise_one_line_errors():
     p = [nn.Parameter(torch.zeros(3))]
     for kwargs in [dict(lr=-1), dict(betas=(0.9, 0.999)), dict(eps=(0.0, 1e-16)), dict(block_size=0),
@@ -330,6 +385,73 @@ def test_bad_arguments_raise_one_line_errors():
             CAME8bit(p, **kwargs)
     with pytest.raises(ValueError, match="unknown optimizer"):
         predicted_state_bytes(p, "sgd")
+
+
+# -----------------------------------------------------------------------------
+# the compiled update
+
+
+def compiler_works():
+    try:
+        torch.compile(lambda x: x * 2)(torch.ones(3))
+        return True
+    except Exception:  # no C++ compiler, or inductor unusable on this machine
+        return False
+
+
+def test_compiled_update_matches_eager():
+    if not compiler_works():
+        pytest.skip("torch.compile does not work on this machine")
+    gen = torch.Generator().manual_seed(12)
+    shapes = [(130, 130)] * 2 + [(24, 16)] * 2 + [(5,)]  # an 8-bit stack (padded last block), a 32-bit one, a vector
+    start = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
+    grads = [[structured_grad(s, gen) for s in shapes] for _ in range(3)]
+    runs = []
+    for compile in (False, True):
+        params = [nn.Parameter(t.clone()) for t in start]
+        opt = CAME8bit(params, lr=1e-2, weight_decay=0.01, compile=compile)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+            runs.append([p.detach().clone() for p in params] + [{k: v.clone() for k, v in opt.state[p].items()}
+                                                                 for p in params])
+        assert opt.compile == compile  # compiled, no fallback
+    eager, compiled = runs[:3], runs[3:]
+    k = len(shapes)
+    # the first step starts from the same state: fp32 rounding apart (steps are ~1e-2, |p| < 1)
+    for a, b in zip(eager[0][:k], compiled[0][:k]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for step in range(3):  # the 32-bit matrices stay within rounding for every step
+        for i in (2, 3):
+            torch.testing.assert_close(eager[step][i], compiled[step][i], rtol=0, atol=1e-6)
+            for key, value in eager[step][k + i].items():  # to rounding of each tensor's largest value
+                torch.testing.assert_close(value, compiled[step][k + i][key], rtol=0, atol=1e-6 * value.abs().max())
+    codes = [(run[k]["exp_avg_codes"].int() - run2[k]["exp_avg_codes"].int()).abs().max() for run, run2 in
+             zip(eager, compiled)]
+    assert max(codes) <= 1  # 8-bit codes: at most one step apart, where a value sits on a rounding edge
+
+
+def test_compile_falls_back_to_eager_without_a_compiler(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    import came8bit
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    came8bit._compiled_update.cache_clear()
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(13)
+    start, grad = torch.randn(9, 7, generator=gen), torch.randn(9, 7, generator=gen)
+    a, b = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+    fused, eager = CAME8bit([a], compile=True), CAME8bit([b])
+    a.grad, b.grad = grad.clone(), grad.clone()
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        fused.step()
+    eager.step()
+    assert not fused.compile and torch.equal(a, b)
+    came8bit._compiled_update.cache_clear()
+    torch._dynamo.reset()
 
 
 # -----------------------------------------------------------------------------

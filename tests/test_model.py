@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from model import PRESETS, DiTConfig, LinearDiT, relu_linear_attention, save_model
+from model import PRESETS, DiTConfig, LinearDiT, relu_linear_attention, save_model, text_length
 
 TINY = DiTConfig(in_channels=4, patch_size=1, hidden_size=64, depth=2, linear_head_dim=32, cross_heads=2,
                  caption_channels=24, qk_norm=True)
@@ -47,6 +47,32 @@ def test_masked_text_tokens_have_no_influence():
     y2[0, 2] += 1.0  # a real token does matter
     with torch.no_grad():
         assert not torch.allclose(model(x, t, y2, mask)[0], a[0])
+
+
+def test_inference_and_training_forward_agree_and_leave_inputs_alone():
+    """Without autograd some activations are computed in place: the same numbers as with autograd, and no block
+    overwrites its input (prune.py's importance hooks compare a block's input with its output)."""
+    torch.manual_seed(0)
+    model = LinearDiT(TINY)
+    x, t, y, mask = inputs(TINY)
+    before, after = [], []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda m, args: before.append(args[0].clone()))
+        block.register_forward_hook(lambda m, args, out: after.append((args[0], out)))
+    with torch.no_grad():
+        a = model(x, t, y, mask)
+    b = model(x, t, y, mask)
+    assert torch.equal(a, b.detach())
+    for copy, (given, out) in zip(before, after):
+        assert torch.equal(copy, given) and not torch.equal(given, out)
+
+
+def test_text_length_cuts_only_what_is_padding_everywhere():
+    mask = torch.zeros(3, 9)
+    mask[0, :4], mask[1, :2], mask[2, 6] = 1, 1, 1  # a real token after padding counts
+    assert text_length(mask) == 7
+    mask[2] = 0  # a caption without real tokens attends to every position: nothing is cut
+    assert text_length(mask) == 9
 
 
 @pytest.mark.parametrize("hw", [(4, 4), (8, 6), (3, 9)])
@@ -215,6 +241,24 @@ def test_positional_embedding_matches_diffusers(tmp_path):
         assert rel_err(ours(x, t, y, mask), want) < 1e-5
         ours.config.use_pe = False  # the embedding matters: without it the outputs differ
         assert rel_err(ours(x, t, y, mask), want) > 1e-3
+
+
+@pytest.mark.parametrize("empty", [False, True])
+def test_cut_padding_matches_diffusers(tmp_path, empty):
+    """Text positions padded in every caption are cut before the caption MLP; diffusers computes them all. With a
+    caption of padding only (empty=True), every position counts and none is cut."""
+    ref = tiny_diffusers("rms_norm_across_heads")
+    x, t, y, mask = inputs(DiTConfig(in_channels=4, caption_channels=24), H=8, W=6, L=9)
+    mask[:, 5:] = 0  # the last 4 positions are padding in both captions
+    if empty:
+        mask[1] = 0
+    with torch.no_grad():
+        want = ref(x, encoder_hidden_states=y, timestep=t, encoder_attention_mask=mask).sample
+    ref.save_pretrained(tmp_path / "diffusers")
+    ours = LinearDiT.from_pretrained(str(tmp_path / "diffusers")).eval()
+    assert text_length(mask) == (9 if empty else 5)
+    with torch.no_grad():
+        assert rel_err(ours(x, t, y, mask), want) < 1e-5
 
 
 @pytest.mark.parametrize("qk_norm", [None, "rms_norm_across_heads"])
