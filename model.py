@@ -133,8 +133,11 @@ def text_length(y_mask):
     in every caption, masked to exactly zero weight (exp(-1e4) underflows to 0 in fp32), so the caption MLP and
     the cross-attention skip them without changing a number (the official code, with xformers installed, also
     attends to real tokens only, packed with masked_select). A caption without any real token would attend to
-    all L positions alike; then nothing is cut. One host sync, for the int."""
+    all L positions alike; then nothing is cut. One host sync, for the int; a meta-device mask (train.py's
+    --dry_run) keeps all L, the most memory."""
     L = y_mask.shape[1]
+    if y_mask.device.type == "meta":
+        return L
     last = (torch.arange(1, L + 1, device=y_mask.device) * y_mask.any(dim=0)).max()  # 1 + last real position
     return int(torch.where(y_mask.any(dim=1).all(), last, L))
 
