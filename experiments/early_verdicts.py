@@ -234,7 +234,7 @@ def plot(points, path):
         if p["schedule"]:
             ax.plot(p["seconds"], p["score"], "s", label=f"N={p['N']}, schedule {format_schedule(p['schedule'])}")
     ax.set_xscale("log")
-    ax.set_xlabel("seconds (sampling + judging, 2-core CPU)")
+    ax.set_xlabel("seconds (sampling + judging, one CPU thread)")
     ax.set_ylabel("checker overall")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
