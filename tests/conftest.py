@@ -49,6 +49,18 @@ def build_tiny_gemma(folder, seed=0):
     return folder
 
 
+def trained_like(cfg, seed=0):
+    """A LinearDiT whose every tensor is random and non-trivial (not the init's zeros and ones), as a trained
+    model's: a test comparing two models then checks every tensor."""
+    from model import LinearDiT
+    torch.manual_seed(seed)
+    model = LinearDiT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
 @pytest.fixture(scope="module")
 def tiny_gemma(tmp_path_factory):
     """A folder holding build_tiny_gemma's model, built once per test module."""

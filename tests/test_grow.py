@@ -10,6 +10,7 @@ import torch
 
 from grow import describe_plan, grow, growth_plan
 from model import DiTConfig, LinearDiT, save_model
+from conftest import trained_like
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC = DiTConfig(in_channels=4, patch_size=1, hidden_size=64, depth=4, linear_head_dim=32, cross_heads=2,
@@ -24,16 +25,6 @@ def inputs(cfg, B=2, H=5, W=6, L=7, seed=0):
     mask = torch.ones(B, L, dtype=torch.long)
     mask[1, 3:] = 0
     return x, t, y, mask
-
-
-def trained_like(cfg, seed=0):
-    """A source whose every tensor is random and non-trivial (not the init's zeros/ones), as a trained model."""
-    torch.manual_seed(seed)
-    model = LinearDiT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
 
 
 def block_sd(model, i):

@@ -13,6 +13,7 @@ import torch
 import model as model_py
 from grow import grow
 from model import DiTConfig, LinearDiT, save_model
+from conftest import trained_like
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # cross-attention qk-norm eps 1e-5, diffusers' own (official 1e-6; model.py's docstring), so that the comparisons
@@ -20,16 +21,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # caption norm starts at 0.01)
 TINY = DiTConfig(in_channels=4, patch_size=1, hidden_size=64, depth=2, linear_head_dim=32, cross_heads=2,
                  caption_channels=24, qk_norm=True, cross_norm_eps=1e-5)
-
-
-def trained_like(cfg, seed=0):
-    """Every tensor random and non-trivial (not the init's zeros and ones), so that each one counts."""
-    torch.manual_seed(seed)
-    model = LinearDiT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
 
 
 def inputs(cfg, B=2, H=8, W=6, L=7, seed=0):
