@@ -22,12 +22,13 @@ Non-matrix tensors keep a full second moment v (U = g / sqrt(v)) and step with m
 
 Speed, not in the paper: matrices of one shape (the same layer in every block) are updated as one (k, r, c)
 stack, and the small tensors as one vector, so the per-operation overhead is paid per shape, not per tensor.
+step() sorts the parameters into stacks once and reuses that plan while the same parameters have gradients.
 The state stays in that layout (each tensor's entries are views into one stack or vector per key), so a step
 copies no state; its fp32 work space lives for one step only, and between steps the optimizer holds its state
 and nothing else (`optimizer_held_bytes`). `factored_update` is the per-stack math, eager by default;
 CAME8bit(compile=True) runs it through torch.compile instead. `python bench/came8bit_bench.py --threads=2` times
-the laptop model's step against torch.optim.AdamW side by side (~1.27x on a 2-core CPU) and counts the bytes each
-optimizer holds.
+the laptop model's step against torch.optim.AdamW side by side (1.19-1.22x in three runs on a 2-core CPU; CAME-32
+0.98-0.99x) and counts the bytes each optimizer holds.
 
 Deviations from the official `CAME8BitWrapper` (NVlabs/Sana diffusion/utils/optimizer.py):
 - A block is 2048 consecutive values of the flattened tensor, as Eq. 1 says; the official code splits the
@@ -57,10 +58,12 @@ Deviations from the official `CAME8BitWrapper` (NVlabs/Sana diffusion/utils/opti
 
 import functools
 import math
+import operator
 import warnings
 
 import torch
 import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors  # one flat copy of many tensors (what DDP buckets use)
 
 try:
     from torch.distributed.tensor import DTensor
@@ -157,9 +160,10 @@ def _sum_shards(x, groups):
     return x
 
 
-def _row_mean(x, rows, groups):
-    """(k, r) -> (k, 1): the mean over all `rows` rows of the parameter, this rank's r and the other shards'."""
-    return _sum_shards(x.sum(dim=1, keepdim=True), groups).div_(rows) if groups else x.mean(dim=1, keepdim=True)
+def _mean_over_rows(x, dim, rows, groups, keepdim=False):
+    """Mean over x's dim `dim`, which runs over the parameter's rows: under FSDP2 this rank's sum, summed over the
+    shards, / the global `rows`; a plain mean otherwise."""
+    return _sum_shards(x.sum(dim=dim, keepdim=keepdim), groups).div_(rows) if groups else x.mean(dim, keepdim)
 
 
 def optimizer_state_bytes(optimizer):
@@ -238,38 +242,36 @@ def eq2_saved_bytes(params, min_8bit_size=16384):
 # the optimizer
 
 
-def _stack(tensors):
-    """k same-shape tensors as one (k, ...) tensor, and whether it is a new copy. No copy for a single tensor
-    (a view) and when the k tensors already are the k rows of one such tensor, in order: this optimizer's state
-    after its first step (CAME8bit._update_factored makes it so)."""
-    first, k = tensors[0], len(tensors)
-    if k == 1:
-        return first[None], False
-    base = first._base
-    if (base is not None and base.shape[0] == k and base.shape[1:] == first.shape
-            and all([t._base is base for t in tensors])
-            and [t.storage_offset() for t in tensors] == list(range(base.storage_offset(), base.storage_offset()
-                                                                      + k * base.stride(0), base.stride(0)))):
-        return base, False
-    return torch.stack(tensors), True
+def _joined(states, key, cache, join):
+    """The k states' `key` entries as one tensor, which this step updates in place for all k. After a join the
+    entries are views into it (the state stays in that layout), and `cache` remembers the joined tensor and those
+    views: while every entry still is its view, the step reuses the tensor (no copy, no layout checks). A new or
+    replaced entry (first step, load_state_dict) is joined again: join(entries) -> (tensor, the entries' views)."""
+    entries = [state[key] for state in states]
+    hit = cache.get(key)
+    if hit is not None and all(map(operator.is_, entries, hit[1])):
+        return hit[0]
+    joined, views = join(entries)
+    for state, view in zip(states, views):
+        state[key] = view
+    cache[key] = joined, views
+    return joined
 
 
-def _concat(tensors, sizes):
-    """Tensors of `sizes` values, flattened and concatenated into one vector, and whether it is a new copy. No
-    copy for a single tensor and when they already lie back to back in one vector, in order (the state after its
-    first step, see CAME8bit._update_full)."""
-    first = tensors[0]
-    if len(tensors) == 1:
-        return first.view(-1), False
-    base = first._base
-    offsets = [0]
-    for n in sizes[:-1]:
-        offsets.append(offsets[-1] + n)
-    if (base is not None and base.dim() == 1 and base.numel() == offsets[-1] + sizes[-1]
-            and all([t._base is base for t in tensors])
-            and [t.storage_offset() - base.storage_offset() for t in tensors] == offsets):
-        return base, False
-    return torch.cat([t.reshape(-1) for t in tensors]), True
+def _stack_join(entries):
+    """k same-shape tensors -> one (k, ...) tensor: a view of a single one, else a stacked copy."""
+    if len(entries) == 1:
+        return entries[0][None], entries
+    stacked = torch.stack(entries)
+    return stacked, stacked.unbind(0)
+
+
+def _concat_join(entries):
+    """Tensors of any shapes -> one flat vector: a view of a single one, else a concatenated copy."""
+    if len(entries) == 1:
+        return entries[0].view(-1), entries
+    flat = torch.cat([t.reshape(-1) for t in entries])
+    return flat, [view.view(t.shape) for view, t in zip(flat.split([t.numel() for t in entries]), entries)]
 
 
 def _work_space(n):
@@ -289,48 +291,51 @@ def _work_space(n):
 
 def factored_update(grads, weights, st, lr, beta1, beta2, beta3, eps1, eps2, clip, rows, n, shards=(), work=None):
     """One step of k same-shape matrices (the equations at the top), in place: the readable definition, and what
-    CAME8bit(compile=True) hands to torch.compile. grads: the k (r, c) fp32 gradients, only read; weights: the k
-    (r, c) fp32 matrices, stepped by lr (weight decay is already applied); st: the stacked state, statistics (k, r)
-    and (k, c) and m either as "exp_avg" (k, r, c) or in 8 bits ("exp_avg_codes" (k, n_blocks, block_size),
-    "exp_avg_min", "exp_avg_scale"), all updated. rows, n: one matrix's global row count and size (under FSDP2 r
-    is this rank's share; shards: the process groups that split the rows). work(i, shape): fp32 tensors to compute
-    in (see _work_space); None: fresh ones. Past the first lines each line is one operation over all k matrices,
-    and every number is still each matrix's own (sums run over dims 1 and 2, never over k)."""
-    k, (r, c) = len(grads), grads[0].shape
+    CAME8bit(compile=True) hands to torch.compile. grads: the k gradients (r, ...), only read; weights: the k fp32
+    tensors of that shape, stepped by lr (weight decay is already applied); st: the stacked state, statistics
+    (k, r) and (k, c) and m either as "exp_avg" (k, r, ...) or in 8 bits ("exp_avg_codes" (k, n_blocks,
+    block_size), "exp_avg_min", "exp_avg_scale"), all updated. A 1x1 conv (r, c, 1, 1) is the matrix (r, c). rows,
+    n: one matrix's global row count and size (under FSDP2 r is this rank's share; shards: the process groups that
+    split the rows). work(i, shape): fp32 tensors to compute in (see _work_space); None: fresh ones. Each line is
+    one operation over all k matrices, and every number is still each matrix's own (sums run over dims 1 and 2,
+    never over k): on a CPU a small matrix costs more in per-operation overhead than in arithmetic."""
+    k, shape = len(grads), grads[0].shape
+    r, c = shape[0], math.prod(shape[1:])
     device = grads[0].device
     buffer = work or (lambda i, shape, device: torch.empty(shape, device=device))
     row, col, res_row, res_col = (st[f"exp_avg_{a}_{b}"] for a in ("sq", "res") for b in ("row", "col"))
-    sq = buffer(0, (k, r, c), device)  # g^2, then U, then (U - m)^2, then the step
-    matrices = sq.unbind(0)  # k (r, c) views
-    for g, out in zip(grads, matrices):  # one matrix at a time: no stacked copy of the gradients
-        torch.mul(g, g, out=out)
+    # g (k, r, c): a single gradient as it is, else the k stacked into buffer 0 (which then holds U, then
+    # (U - m)^2, then the step); g^2 and then m in buffer 1
+    g = grads[0].reshape(1, r, c).float() if k == 1 else torch.stack(grads, out=buffer(0, (k, *shape), device))
+    g = g.view(k, r, c)
+    sq = torch.mul(g, g, out=buffer(1, (k, r, c), device))  # (k, r, c) g^2
     row.lerp_(sq.mean(dim=2).add_(eps1), 1 - beta2)  # (k, r) columns are never split
-    col.lerp_(_sum_shards(sq.sum(dim=1), shards).div_(rows).add_(eps1), 1 - beta2)  # (k, c)
-    row_factor = row.div(_row_mean(row, rows, shards)).rsqrt_()  # (k, r) 1/sqrt(r/mean)
-    col_factor = col.rsqrt()  # (k, c)
-    # update clipping: sum(U^2) = sum_ij row_factor_i^2 g_ij^2 col_factor_j^2 (row vector x matrix first: on a
-    # CPU ~8x faster than matrix x column vector)
-    weighted = torch.bmm(row_factor.square()[:, None, :], sq).squeeze(1)  # (k, c) sum_i row_factor_i^2 g_ij^2
-    sum_sq = _sum_shards(weighted.mul_(col_factor.square()).sum(dim=1), shards)  # (k,)
-    row_factor.div_(sum_sq.div_(n * clip**2).sqrt_().clamp_min_(1.0)[:, None])  # / max(1, RMS(U) / clip)
-    for g, f, out in zip(grads, row_factor.unsqueeze(2).unbind(0), matrices):
-        torch.mul(g, f, out=out)
-    update = sq.mul_(col_factor[:, None, :])  # (k, r, c) clipped U
+    col.lerp_(_mean_over_rows(sq, 1, rows, shards).add_(eps1), 1 - beta2)  # (k, c)
+    row_factor = row.div(_mean_over_rows(row, 1, rows, shards, keepdim=True)).rsqrt_()  # (k, r) 1/sqrt(r/mean)
+    col_factor = col.rsqrt().unsqueeze(1)  # (k, 1, c)
+    # update clipping: sum(U^2) = sum_ij row_factor_i^2 g_ij^2 col_factor_j^2, as (row vector x matrix) x column
+    # vector (on a CPU the row vector first is ~5x faster than the matrix x column vector first)
+    sum_sq = torch.bmm(torch.bmm(row_factor.square().unsqueeze(1), sq), col_factor.square().mT)  # (k, 1, 1)
+    clipping = _sum_shards(sum_sq, shards).div_(n * clip**2).sqrt_().clamp_min_(1.0)  # max(1, RMS(U) / clip)
+    col_factor.div_(clipping)  # (k, 1, c): the clipping, folded into the column factor
+    update = torch.mul(g, row_factor.unsqueeze(2), out=buffer(0, (k, r, c), device))  # U before its column factor
+    # m = b1 m + (1 - b1) U (the official code's form): b1 m is the dequantized m with b1 folded into its scales and
+    # mins (or the fp32 m times b1), and the column factor is applied inside addcmul_, so U is never formed
     quantized = "exp_avg" not in st
-    if quantized:
+    if quantized:  # g^2 is spent: m is dequantized into its buffer
         codes, mins, scales = st["exp_avg_codes"], st["exp_avg_min"], st["exp_avg_scale"]
-        exp_avg = dequantize_blockwise(codes, mins, scales, (r, c), out=buffer(1, codes.shape, device))  # (k, r, c)
+        exp_avg = dequantize_blockwise(codes, mins * beta1, scales * beta1, (r, c), out=buffer(1, codes.shape, device))
     else:
-        exp_avg = st["exp_avg"].view(k, r, c)
-    exp_avg.lerp_(update, 1 - beta1)  # m
-    res = update.sub_(exp_avg).square_()  # (k, r, c) instability (U - m)^2
+        exp_avg = st["exp_avg"].view(k, r, c).mul_(beta1)
+    exp_avg.addcmul_(update, col_factor * (1 - beta1))  # (k, r, c) m
+    res = torch.addcmul(exp_avg, update, col_factor, value=-1, out=update).square_()  # instability (U - m)^2
     res_row.lerp_(res.mean(dim=2).add_(eps2), 1 - beta3)  # (k, r)
-    res_col.lerp_(_sum_shards(res.sum(dim=1), shards).div_(rows).add_(eps2), 1 - beta3)  # (k, c)
-    res_row_factor = res_row.div(_row_mean(res_row, rows, shards)).rsqrt_()  # (k, r)
+    res_col.lerp_(_mean_over_rows(res, 1, rows, shards).add_(eps2), 1 - beta3)  # (k, c)
+    res_row_factor = res_row.div(_mean_over_rows(res_row, 1, rows, shards, keepdim=True)).rsqrt_()  # (k, r)
     # p -= lr m / sqrt(R_r R_c^T / mean(R_r)): the row factor here, the column factor inside addcmul_
-    step = torch.mul(exp_avg, res_row_factor[:, :, None], out=res)  # (k, r, c)
-    for weight, step_i, res_col_factor in zip(weights, matrices, res_col.rsqrt().unbind(0)):
-        weight.view(r, c).addcmul_(step_i, res_col_factor, value=-lr)
+    step = torch.mul(exp_avg, res_row_factor.unsqueeze(2), out=res).view(k, *shape).unbind(0)
+    res_col_factor = res_col.rsqrt().view(k, c, *shape[2:]).unbind(0)  # k (c, 1, 1) for a 1x1 conv
+    torch._foreach_addcmul_(weights, step, res_col_factor, value=-lr)
     if quantized:  # m back in 8 bits, each matrix its own blocks; this step used the fp32 m (official order)
         quantize_blockwise(exp_avg, codes.shape[-1], leading=1, overwrite=True, out=(codes, mins, scales))
 
@@ -374,6 +379,7 @@ class CAME8bit(torch.optim.Optimizer):
                         quantize=quantize, bias_correction=bias_correction)
         super().__init__(params, defaults)
         self.compile = compile  # not a param_group entry: saved checkpoints stay loadable either way
+        self._plans = {}  # group index -> (what it was made for, plan): see _plan
 
     def _init_state(self, p, group):
         local = _local(p)
@@ -393,90 +399,106 @@ class CAME8bit(torch.optim.Optimizer):
         else:
             state["exp_avg"] = torch.zeros(local.shape, **fp32)
 
+    def _plan(self, index, group, params):
+        """Which tensors step() updates together: matrices of one shape and 8-bit setting, stacked (up to
+        MAX_STACK values at once), and all the rest as one vector, each kind by the process groups that shard it.
+        Made once for a group's parameters (those with a gradient) and the stack limits, then reused, so a step
+        does not sort its parameters again; each entry also keeps its joined state (see _joined)."""
+        made_for = (tuple(map(id, params)), MAX_STACK["cpu"], MAX_STACK["gpu"])
+        if index in self._plans and self._plans[index][0] == made_for:
+            return self._plans[index][1]
+        full, factored = {}, {}
+        for p in params:
+            state = self.state[p]
+            if not state:
+                self._init_state(p, group)
+            shards = tuple(_shard_groups(p))
+            if not is_matrix(p):
+                full.setdefault(shards, []).append(p)
+                continue
+            stacks = factored.setdefault((shards, p.shape, _local(p).shape, "exp_avg" in state), [[]])
+            limit = MAX_STACK["cpu" if p.device.type == "cpu" else "gpu"]
+            if (len(stacks[-1]) + 1) * p.numel() > limit and stacks[-1]:
+                stacks.append([])
+            stacks[-1].append(p)
+
+        def entry(ps, shards):
+            return dict(params=ps, states=[self.state[p] for p in ps], shards=list(shards), cache={},
+                        plain=not any(isinstance(p, DTensor) for p in ps))
+        stacks = [entry(ps, shards) for (shards, *_), kind in factored.items() for ps in kind]
+        block = group["block_size"]
+        work = max([len(s["params"]) * -(-_local(s["params"][0]).numel() // block) * block for s in stacks],
+                   default=0)  # values in each of a step's two work buffers: the largest stack's (padded) size
+        plan = dict(factored=stacks, full=[entry(ps, shards) for shards, ps in full.items()], work=work)
+        self._plans[index] = made_for, plan
+        return plan
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             group["step"] = group.get("step", 0) + 1  # t, for the optional bias correction of R
             params = [p for p in group["params"] if p.grad is not None]
             if any(p.grad.is_sparse for p in params):
                 raise ValueError("CAME8bit does not support sparse gradients; use dense gradients")
-            # tensors updated together: matrices of one shape and 8-bit setting (stacked, up to MAX_STACK values
-            # at once), and all the rest (as one vector), each kind by the process groups that shard it
-            full, factored = {}, {}
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    self._init_state(p, group)
-                shards = tuple(_shard_groups(p))
-                if not is_matrix(p):
-                    full.setdefault(shards, []).append(p)
-                    continue
-                stacks = factored.setdefault((shards, p.shape, _local(p).shape, "exp_avg" in state), [[]])
-                limit = MAX_STACK["cpu" if p.device.type == "cpu" else "gpu"]
-                if (len(stacks[-1]) + 1) * p.numel() > limit and stacks[-1]:
-                    stacks.append([])
-                stacks[-1].append(p)
-            stacks = [(ps, list(shards)) for (shards, *_), kind in factored.items() for ps in kind]
-            block = group["block_size"]
-            work = _work_space(max([len(ps) * -(-_local(ps[0]).numel() // block) * block for ps, _ in stacks],
-                                   default=0))  # this step's work space: buffers of the largest stack's size
-            for ps, shards in stacks:
-                self._update_factored(ps, group, shards, work)
-            for shards, ps in full.items():
-                self._update_full(ps, group, list(shards))
+            plan = self._plan(index, group, params)
+            work = _work_space(plan["work"])  # this step's work space, dropped on return
+            for stack in plan["factored"]:
+                self._update_factored(stack, group, work)
+            for full in plan["full"]:
+                self._update_full(full, group)
         return loss
 
-    def _update_full(self, params, group, shards):
+    @staticmethod
+    def _grads_and_weights(entry):
+        """The entry's gradients and the fp32 tensors to step: the parameters themselves when they are plain fp32
+        tensors, else this rank's shards or fp32 copies (which the caller writes back)."""
+        params = entry["params"]
+        if entry["plain"] and all([p.dtype == torch.float32 for p in params]):
+            return [p.grad for p in params], params
+        return [_local(p.grad) for p in params], [_fp32(p) for p in params]
+
+    def _update_full(self, entry, group):
         """Biases, norms, 3x3 and depthwise kernels: U = g / sqrt(v), clipped, m, p -= lr m; no confidence term
         without factored statistics (official code). Many small tensors, so all at once: the gradients are
-        concatenated into one vector and the state stays one vector per key (after the first step each tensor's
-        v and m are views into it), so each line is one operation for all of them, not one per tensor."""
+        concatenated into one vector and the state is one vector per key (each tensor's v and m are views into
+        it), so each line is one operation for all of them, not one per tensor."""
         lr, wd, clip = group["lr"], group["weight_decay"], group["clip_threshold"]
         beta1, beta2, _ = group["betas"]
         eps1 = group["eps"][0]
-        states = [self.state[p] for p in params]
-        sizes = [_local(p).numel() for p in params]
-        exp_avg_sq, fresh = _concat([s["exp_avg_sq"] for s in states], sizes)  # (N,) v of every tensor
-        exp_avg, _ = _concat([s["exp_avg"] for s in states], sizes)  # (N,) m
-        grad = torch.cat([_fp32(p.grad).reshape(-1) for p in params])  # (N,) fp32 island (Sec. 2.3), a copy
-        weights = [_fp32(p) for p in params]  # the params themselves when fp32
+        params, states, shards = entry["params"], entry["states"], entry["shards"]
+        exp_avg_sq = _joined(states, "exp_avg_sq", entry["cache"], _concat_join)  # (N,) v of every tensor
+        exp_avg = _joined(states, "exp_avg", entry["cache"], _concat_join)  # (N,) m
+        grads, weights = self._grads_and_weights(entry)
+        # (N,) fp32 island (Sec. 2.3), a copy: one for many tensors, but a single tensor comes back as a view of it
+        grad = _flatten_dense_tensors(grads).to(torch.float32, copy=len(grads) == 1)
         if wd:
             torch._foreach_mul_(weights, 1 - lr * wd)
         exp_avg_sq.lerp_(grad.square().add_(eps1), 1 - beta2)  # v
         update = grad.div_(exp_avg_sq.sqrt())  # (N,) U
+        sizes = [g.numel() for g in grads]
         lengths = torch.tensor(sizes, device=grad.device)
         sum_sq = _sum_shards(torch.segment_reduce(update.square(), "sum", lengths=lengths), shards)  # (T,) each
-        numel = torch.tensor([p.numel() for p in params], dtype=torch.float32, device=grad.device)  # global
+        numel = lengths if not shards else torch.tensor([p.numel() for p in params], device=grad.device)  # global
         clipping = sum_sq.div_(numel * clip**2).sqrt_().clamp_min_(1.0)  # (T,) max(1, RMS(U) / clip) each
         exp_avg.lerp_(update.div_(clipping.repeat_interleave(lengths, output_size=len(update))), 1 - beta1)  # m
-        if fresh:  # the new vectors become the state: per tensor, views into them
-            for key, flat in (("exp_avg_sq", exp_avg_sq), ("exp_avg", exp_avg)):
-                for state, p, view in zip(states, params, flat.split(sizes)):
-                    state[key] = view.view(_local(p).shape)
-        torch._foreach_add_(weights, [s["exp_avg"] for s in states], alpha=-lr)
-        for p, weight in zip(params, weights):
-            if weight is not _local(p):
-                _local(p).copy_(weight)
+        torch._foreach_add_(weights, entry["cache"]["exp_avg"][1], alpha=-lr)
+        if weights is not params:
+            for p, weight in zip(params, weights):
+                if weight is not _local(p):
+                    _local(p).copy_(weight)
 
-    def _update_factored(self, params, group, shards, work):
-        """Linear weights and 1x1 convs of one shape, stacked into (k, r, c) tensors (factored_update). On a CPU a
-        small matrix costs more in per-operation overhead than in arithmetic, which the stack pays once for k. The
-        state stays stacked: after the first step each matrix's entries are views into one (k, ...) tensor per
-        key, so the next step finds the stack in place (no copy) and updates it in place."""
-        states = [self.state[p] for p in params]
-        st = {key: _stack([state[key] for state in states]) for key in states[0]}  # key: ((k, ...), new copy?)
-        fresh = [key for key, (_, new) in st.items() if new]
-        st = {key: stacked for key, (stacked, _) in st.items()}
+    def _update_factored(self, entry, group, work):
+        """Linear weights and 1x1 convs of one shape, stacked into (k, r, c) tensors (factored_update). The state
+        stays stacked: each matrix's entries are views into one (k, ...) tensor per key (see _joined), which the
+        update changes in place."""
+        params, states, shards = entry["params"], entry["states"], entry["shards"]
+        st = {key: _joined(states, key, entry["cache"], _stack_join) for key in states[0]}  # key: (k, ...)
         rows, n = params[0].shape[0], params[0].numel()  # global: means and the RMS span every shard
-        shape = _local(params[0]).shape
-        r, c = shape[0], math.prod(shape[1:])  # this rank's rows; 1x1 convs as out x in matrices
-        # fp32 island: all optimizer statistics are fp32 (Sec. 2.3)
-        grads = [_fp32(p.grad).view(r, c) for p in params]
-        weights = [_fp32(p) for p in params]  # the params themselves when fp32; fp32 copies for bf16
+        grads, weights = self._grads_and_weights(entry)  # fp32 island: all optimizer statistics are fp32 (Sec. 2.3)
         lr, wd = group["lr"], group["weight_decay"]
         if wd:
             torch._foreach_mul_(weights, 1 - lr * wd)  # decoupled weight decay (AdamW-style), as came_pytorch
@@ -492,17 +514,16 @@ class CAME8bit(torch.optim.Optimizer):
                 self.compile = False
         if not self.compile or shards:
             factored_update(*args, shards, work)
-        for p, weight in zip(params, weights):
-            if weight is not _local(p):
-                _local(p).copy_(weight)
-        for key in fresh:  # a new stacked copy becomes the state: per matrix, views into it
-            for state, view in zip(states, st[key].unbind(0)):
-                state[key] = view
+        if weights is not params:
+            for p, weight in zip(params, weights):
+                if weight is not _local(p):
+                    _local(p).copy_(weight)
 
     def load_state_dict(self, state_dict):
         """torch casts every loaded state tensor to its parameter's dtype, which would turn uint8 codes into
         floats (and fp32 statistics into bf16 for bf16 params); put back the saved tensors as they were."""
         super().load_state_dict(state_dict)
+        self._plans = {}  # the loaded state may differ in kind (8-bit or not) from what the plans were made for
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(saved_ids, params):

@@ -1,5 +1,6 @@
 """came8bit.py against independent references: a float64 CAME written from the equations, Eq. 1 in float64,
 the 32-bit optimizer, a save/load round trip, and the unsharded run under FSDP2 and DDP (2 gloo processes)."""
+import copy
 import io
 import os
 import tempfile
@@ -268,6 +269,39 @@ def test_same_shape_matrices_stacked_equal_one_by_one(monkeypatch):
         o.step()
     for p, p2 in zip(params, params2):
         assert torch.equal(p, p2)
+
+
+def test_missing_gradients_and_a_reload_into_the_same_optimizer_leave_every_update_its_own():
+    """step() reuses its grouping and the stacked state from step to step. A parameter without a gradient sits a
+    step out, and a state loaded into the same optimizer replaces the old one: each matrix and vector must still
+    get exactly the update of an optimizer of its own."""
+    gen = torch.Generator().manual_seed(12)
+    shapes = [(130, 130)] * 3 + [(24, 16)] * 3 + [(7,)] * 3  # an 8-bit stack, a 32-bit stack, the vector
+    params = [nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in shapes]
+    alone = [nn.Parameter(p.detach().clone()) for p in params]
+    opt = CAME8bit(params, lr=1e-2)
+    opts = [CAME8bit([p], lr=1e-2) for p in alone]
+    skip = [set(), {1, 4, 7}, set(), {0, 3, 8}, set()]  # who has no gradient at each step
+    for step, out in enumerate(skip):
+        if step == 3:  # rewind everything to the state after step 1 (params too), then go on
+            opt.load_state_dict(saved)
+            for o, s in zip(opts, saved_alone):
+                o.load_state_dict(s)
+            for p, q, w in zip(params, alone, weights):
+                p.data.copy_(w)
+                q.data.copy_(w)
+        for i, (p, q, shape) in enumerate(zip(params, alone, shapes)):
+            g = None if i in out else structured_grad(shape, gen)
+            p.grad, q.grad = g, None if g is None else g.clone()
+        opt.step()
+        for o in opts:
+            o.step()
+        if step == 1:
+            saved = copy.deepcopy(opt.state_dict())
+            saved_alone = [copy.deepcopy(o.state_dict()) for o in opts]
+            weights = [p.detach().clone() for p in params]
+    for p, q in zip(params, alone):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
 def test_state_is_updated_in_place_after_the_first_step():

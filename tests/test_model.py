@@ -67,6 +67,19 @@ def test_inference_and_training_forward_agree_and_leave_inputs_alone():
         assert torch.equal(copy, given) and not torch.equal(given, out)
 
 
+def test_the_residual_stream_is_token_major_in_every_block():
+    """Each block gets and returns (B, N, D) contiguous tokens: a strided stream (the patch conv's channels-first
+    memory order, kept by every residual update) makes each norm and linear layer copy it first."""
+    model = LinearDiT(TINY)
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda m, args, out: seen.append((args[0].is_contiguous(), out.is_contiguous())))
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            model(*inputs(TINY))
+    assert seen == [(True, True)] * 2 * TINY.depth
+
+
 def test_text_length_cuts_only_what_is_padding_everywhere():
     mask = torch.zeros(3, 9)
     mask[0, :4], mask[1, :2], mask[2, 6] = 1, 1, 1  # a real token after padding counts
