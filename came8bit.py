@@ -423,7 +423,7 @@ class CAME8bit(torch.optim.Optimizer):
             stacks[-1].append(p)
 
         def entry(ps, shards):
-            return dict(params=ps, states=[self.state[p] for p in ps], shards=list(shards), cache={},
+            return dict(params=ps, shards=list(shards), cache={},
                         plain=not any(isinstance(p, DTensor) for p in ps))
         stacks = [entry(ps, shards) for (shards, *_), kind in factored.items() for ps in kind]
         block = group["block_size"]
@@ -452,6 +452,16 @@ class CAME8bit(torch.optim.Optimizer):
                 self._update_full(full, group)
         return loss
 
+    def _states(self, params, group):
+        """The parameters' state dicts, looked up every step (the state may have been cleared or replaced since the
+        plan was made; _joined then joins the new entries) and started where empty."""
+        states = [self.state[p] for p in params]
+        if not all(states):
+            for p, state in zip(params, states):
+                if not state:
+                    self._init_state(p, group)
+        return states
+
     @staticmethod
     def _grads_and_weights(entry):
         """The entry's gradients and the fp32 tensors to step: the parameters themselves when they are plain fp32
@@ -469,7 +479,7 @@ class CAME8bit(torch.optim.Optimizer):
         lr, wd, clip = group["lr"], group["weight_decay"], group["clip_threshold"]
         beta1, beta2, _ = group["betas"]
         eps1 = group["eps"][0]
-        params, states, shards = entry["params"], entry["states"], entry["shards"]
+        params, states, shards = entry["params"], self._states(entry["params"], group), entry["shards"]
         exp_avg_sq = _joined(states, "exp_avg_sq", entry["cache"], _concat_join)  # (N,) v of every tensor
         exp_avg = _joined(states, "exp_avg", entry["cache"], _concat_join)  # (N,) m
         grads, weights = self._grads_and_weights(entry)
@@ -495,7 +505,7 @@ class CAME8bit(torch.optim.Optimizer):
         """Linear weights and 1x1 convs of one shape, stacked into (k, r, c) tensors (factored_update). The state
         stays stacked: each matrix's entries are views into one (k, ...) tensor per key (see _joined), which the
         update changes in place."""
-        params, states, shards = entry["params"], entry["states"], entry["shards"]
+        params, states, shards = entry["params"], self._states(entry["params"], group), entry["shards"]
         st = {key: _joined(states, key, entry["cache"], _stack_join) for key in states[0]}  # key: (k, ...)
         rows, n = params[0].shape[0], params[0].numel()  # global: means and the RMS span every shard
         grads, weights = self._grads_and_weights(entry)  # fp32 island: all optimizer statistics are fp32 (Sec. 2.3)

@@ -304,6 +304,31 @@ def test_missing_gradients_and_a_reload_into_the_same_optimizer_leave_every_upda
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
+def test_a_cleared_state_starts_again_from_zero():
+    """After optimizer.state.clear() the next step is a first step again, as a fresh optimizer's, and the state
+    it makes is what optimizer.state holds (nothing keeps updating the old one)."""
+    gen = torch.Generator().manual_seed(13)
+    params = [nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in [(130, 130)] * 2 + [(24, 16), (7,)]]
+    opt = CAME8bit(params, lr=1e-2)
+    for _ in range(3):
+        for p in params:
+            p.grad = structured_grad(p.shape, gen)
+        opt.step()
+    opt.state.clear()
+    fresh = [nn.Parameter(p.detach().clone()) for p in params]
+    opt_fresh = CAME8bit(fresh, lr=1e-2)
+    for p, q in zip(params, fresh):
+        p.grad = structured_grad(p.shape, gen)
+        q.grad = p.grad.clone()
+    opt.step()
+    opt_fresh.step()
+    for p, q in zip(params, fresh):
+        assert torch.equal(p, q)
+        assert opt.state[p].keys() == opt_fresh.state[q].keys()
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, opt_fresh.state[q][key])
+
+
 def test_state_is_updated_in_place_after_the_first_step():
     """After its first step the state of a stack (and of the small tensors) is views into one tensor per key, which
     later steps update in place: no state tensor is copied or replaced."""
