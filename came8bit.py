@@ -27,7 +27,7 @@ The state stays in that layout (each tensor's entries are views into one stack o
 copies no state; its fp32 work space lives for one step only, and between steps the optimizer holds its state
 and nothing else (`optimizer_held_bytes`). `factored_update` is the per-stack math, eager by default;
 CAME8bit(compile=True) runs it through torch.compile instead. `python bench/came8bit_bench.py --threads=2` times
-the laptop model's step against torch.optim.AdamW side by side (1.19-1.22x in three runs on a 2-core CPU; CAME-32
+the laptop model's step against torch.optim.AdamW side by side (1.19-1.23x in four runs on a 2-core CPU; CAME-32
 0.98-0.99x) and counts the bytes each optimizer holds.
 
 Deviations from the official `CAME8BitWrapper` (NVlabs/Sana diffusion/utils/optimizer.py):
@@ -353,11 +353,10 @@ class CAME8bit(torch.optim.Optimizer):
     compile=True runs factored_update through torch.compile, which fuses its chain of element-wise passes into a
     few kernels, for unsharded parameters (FSDP2 shards stay eager: the column sums are all-reduced mid-update).
     It falls back to the eager update, with a warning, where compiling fails (no C++ compiler for inductor on a
-    CPU, no triton on a GPU). Off by default: on a 2-core CPU the laptop model's first step compiled for 49 s
-    (empty inductor cache) and later steps took 2.5x AdamW's time against eager's 1.26x
-    (`python bench/came8bit_bench.py --threads=2 --compile=True`; dynamo compiles 8 stack shapes, its
-    recompile_limit, and runs the other 3 eager). On a GPU it is unmeasured: the same command with
-    --device=cuda times both."""
+    CPU, no triton on a GPU). Off by default: on a 2-core CPU the laptop model's first step compiled for 478 s
+    (empty inductor cache) and later steps took 14x AdamW's time against eager's 1.23x in the same run
+    (`python bench/came8bit_bench.py --threads=2 --compile=True`). On a GPU it is unmeasured: the same command
+    with --device=cuda times both."""
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16), clip_threshold=1.0,
                  weight_decay=0.0, block_size=2048, min_8bit_size=16384, quantize=True, bias_correction=False,
