@@ -380,6 +380,13 @@ class CAME8bit(torch.optim.Optimizer):
         self.compile = compile  # not a param_group entry: saved checkpoints stay loadable either way
         self._plans = {}  # group index -> (what it was made for, plan): see _plan
 
+    def __setstate__(self, state):
+        """Unpickling (torch.save of the optimizer object) and load_state_dict: torch keeps defaults, state and
+        param_groups only, so the attributes set in __init__ are set again here (compile off)."""
+        super().__setstate__(state)
+        self.__dict__.setdefault("compile", False)
+        self._plans = {}
+
     def _init_state(self, p, group):
         local = _local(p)
         fp32 = dict(dtype=torch.float32, device=local.device)
@@ -531,8 +538,8 @@ class CAME8bit(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         """torch casts every loaded state tensor to its parameter's dtype, which would turn uint8 codes into
         floats (and fp32 statistics into bf16 for bf16 params); put back the saved tensors as they were."""
-        super().load_state_dict(state_dict)
-        self._plans = {}  # the loaded state may differ in kind (8-bit or not) from what the plans were made for
+        super().load_state_dict(state_dict)  # through __setstate__, which drops the plans: the loaded state may
+        # differ in kind (8-bit or not) from what they were made for
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(saved_ids, params):

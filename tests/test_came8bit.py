@@ -3,6 +3,7 @@ the 32-bit optimizer, a save/load round trip, and the unsharded run under FSDP2 
 import copy
 import io
 import os
+import pickle
 import tempfile
 
 import pytest
@@ -302,6 +303,25 @@ def test_missing_gradients_and_a_reload_into_the_same_optimizer_leave_every_upda
             weights = [p.detach().clone() for p in params]
     for p, q in zip(params, alone):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+def test_a_pickled_optimizer_steps_on_as_the_original():
+    """torch.save(optimizer) pickles only defaults, state and param_groups: the copy must still step, and step
+    exactly as the original does."""
+    gen = torch.Generator().manual_seed(14)
+    params = [nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in [(130, 130)] * 2 + [(7,)]]
+    opt = CAME8bit(params, lr=1e-2)
+    for p in params:
+        p.grad = structured_grad(p.shape, gen)
+    opt.step()
+    copy_ = pickle.loads(pickle.dumps(opt))
+    grads = [structured_grad(p.shape, gen) for p in params]
+    for o in (opt, copy_):
+        for p, g in zip(o.param_groups[0]["params"], grads):
+            p.grad = g.clone()
+        o.step()
+    for p, q in zip(params, copy_.param_groups[0]["params"]):
+        assert torch.equal(p, q)
 
 
 def test_a_cleared_state_starts_again_from_zero():
