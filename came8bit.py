@@ -34,8 +34,8 @@ Deviations from the official `CAME8BitWrapper` (NVlabs/Sana diffusion/utils/opti
 - A block is 2048 consecutive values of the flattened tensor, as Eq. 1 says; the official code splits the
   tensor into slabs of 2048 *rows*. The last block is padded with its own last value, so padding never widens
   its range.
-- A block whose values are all equal (max = min, e.g. the all-zero start) gets its code step floored at the
-  smallest normal fp32 and codes 0, so it dequantizes to its min exactly; the official code divides 0 by 0.
+- A block whose values are all equal (max = min, e.g. the all-zero start) gets its code step floored at 2^-64
+  (STEP_FLOOR) and codes 0, so it dequantizes to its min exactly; the official code divides 0 by 0.
 - Round to nearest is done as truncation of (x - min) / scale + 0.5 (ties go up).
 - Which tensors are factored follows the official code: 2-D weights and 1x1 convs (as matrices out x in);
   3x3 and depthwise convs, biases and norms keep a full second moment (came_pytorch would factor the last two
@@ -70,7 +70,12 @@ try:
 except ImportError:  # torch built without distributed support: nothing can be a DTensor
     DTensor = ()
 
-TINY = torch.finfo(torch.float32).tiny  # smallest normal fp32: the floor of a block's code step
+# the floor of a block's code step. m holds clipped, normalised updates (|U| ~ 1), so no real block has a step
+# near 2^-64; a zero-range block (all zeros: the blocks behind a grown model's zero-init output projections get
+# no gradient at first) still does arithmetic on it, and the floor keeps half a step times b1 a normal fp32
+# number (tests/test_came8bit.py::test_zero_blocks_stay_normal_fp32); with the smallest normal fp32 as the floor
+# they are denormals, which a CPU computes several times slower
+STEP_FLOOR = 2.0**-64
 # values per stack of same-shape matrices updated together (each of a step's two fp32 work buffers holds one).
 # On a CPU 2**22 (16 MB buffers). On a GPU the step is many small element-wise kernels, and bigger stacks mean
 # fewer of them: the 1.6B preset's step on an H200 took 129 ms at 2**22 and 93 ms at 2**26 (+0.6 GiB peak),
@@ -97,7 +102,7 @@ def quantize_blockwise(x, block_size, leading=0, overwrite=False, out=None):
     codes, mins, scales = out or (None, None, None)
     mins = torch.amin(blocks, dim=-1, keepdim=True, out=mins)  # (*lead, n_blocks, 1); aminmax: ~15x slower on CPU
     # one code step; the floor guards zero-range blocks (x - min = 0 gives code 0, which dequantizes to min)
-    scales = torch.sub(blocks.amax(dim=-1, keepdim=True), mins, out=scales).div_(255).clamp_min_(TINY)
+    scales = torch.sub(blocks.amax(dim=-1, keepdim=True), mins, out=scales).div_(255).clamp_min_(STEP_FLOOR)
     # (x - min) / scale + 0.5 lies in [0.5, 255.5]; truncating it rounds (x - min) / scale to the nearest code
     shifted = blocks.sub_ if overwrite else blocks.sub
     steps = shifted(mins.sub(scales, alpha=0.5)).mul_(scales.reciprocal())  # (*lead, n_blocks, block_size)

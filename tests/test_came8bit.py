@@ -151,6 +151,23 @@ def test_quantizer_zero_range_blocks_and_padding():
     assert ((y[128:] - x[128:]).abs() <= scales[2, 0] / 2 + 1e-6).all()
 
 
+def test_zero_blocks_stay_normal_fp32():
+    """All-zero blocks (a grown model's new blocks get no gradient at first) must not drive the step into
+    denormal fp32 numbers, which a CPU computes several times slower: the floored code step, halved (quantizer)
+    or times b1 (the m update), stays a normal number. A real block's step is not floored."""
+    normal = torch.finfo(torch.float32).tiny
+    w = nn.Parameter(torch.zeros(64, 512))  # 32768 values: 8-bit m
+    opt = CAME8bit([w], lr=1e-2)
+    for _ in range(2):
+        w.grad = torch.zeros_like(w)
+        opt.step()
+    scales = opt.state[w]["exp_avg_scale"]
+    assert (opt.state[w]["exp_avg_codes"] == 0).all() and (w == 0).all()
+    assert (scales * BETAS[0] / 2 >= normal).all()
+    x = torch.linspace(0, 1e-15, 2048)  # a tiny, but real, range
+    assert torch.isclose(quantize_blockwise(x, 2048)[2][0, 0], torch.tensor(1e-15 / 255))
+
+
 # -----------------------------------------------------------------------------
 # the optimizer in 8 bits
 
