@@ -21,14 +21,15 @@ Per step (g = gradient, b1, b2, b3 = betas, e1, e2 = eps; for a matrix, mean ove
 Non-matrix tensors keep a full second moment v (U = g / sqrt(v)) and step with m alone, as in the official code.
 
 Speed, not in the paper: matrices of one shape (the same layer in every block) are updated as one (k, r, c)
-stack, and the small tensors as one vector, so the per-operation overhead is paid per shape, not per tensor.
+stack, and the small tensors as one vector, so the per-operation overhead is paid per shape, not per tensor. A
+matrix may join the stack of its transpose's shape: CAME's update is transpose-invariant (CAME8bit._orient).
 step() sorts the parameters into stacks once and reuses that plan while the same parameters have gradients.
 The state stays in that layout (each tensor's entries are views into one stack or vector per key), so a step
 copies no state; its fp32 work space lives for one step only, and between steps the optimizer holds its state
 and nothing else (`optimizer_held_bytes`). `factored_update` is the per-stack math, eager by default;
 CAME8bit(compile=True) runs it through torch.compile instead. `python bench/came8bit_bench.py --threads=2` times
-the laptop model's step against torch.optim.AdamW side by side (1.19-1.23x in four runs on a 2-core CPU; CAME-32
-0.98-0.99x) and counts the bytes each optimizer holds.
+the laptop model's step against torch.optim.AdamW side by side (1.12-1.19x in three runs on a 2-core CPU; CAME-32
+0.92-0.96x) and counts the bytes each optimizer holds.
 
 Deviations from the official `CAME8BitWrapper` (NVlabs/Sana diffusion/utils/optimizer.py):
 - A block is 2048 consecutive values of the flattened tensor, as Eq. 1 says; the official code splits the
@@ -37,6 +38,8 @@ Deviations from the official `CAME8BitWrapper` (NVlabs/Sana diffusion/utils/opti
 - A block whose values are all equal (max = min, e.g. the all-zero start) gets its code step floored at 2^-64
   (STEP_FLOOR) and codes 0, so it dequantizes to its min exactly; the official code divides 0 by 0.
 - Round to nearest is done as truncation of (x - min) / scale + 0.5 (ties go up).
+- A matrix stepped as its transpose (CAME8bit._orient: when the transposed shape is the commoner one) keeps the
+  transpose's state: the same update, but its 8-bit blocks tile the transpose's flattening.
 - Which tensors are factored follows the official code: 2-D weights and 1x1 convs (as matrices out x in);
   3x3 and depthwise convs, biases and norms keep a full second moment (came_pytorch would factor the last two
   dims of a 3x3 kernel).
@@ -56,7 +59,9 @@ Deviations from the official `CAME8BitWrapper` (NVlabs/Sana diffusion/utils/opti
   is per rank: save it per rank and resume with the same world size.
 """
 
+import collections
 import functools
+import itertools
 import math
 import operator
 import warnings
@@ -142,6 +147,24 @@ def _fp32(t):
     """This rank's shard of t in fp32: t itself when it already is (`.float()` costs a call even then)."""
     t = _local(t)
     return t if t.dtype == torch.float32 else t.float()
+
+
+def _stepped_transposed(p, state):
+    """Whether the state of the matrix p is that of its transpose (see CAME8bit._orient): its row statistics have
+    one entry per column of p (a square matrix is never transposed)."""
+    return state["exp_avg_sq_row"].shape[0] != _local(p).shape[0]
+
+
+def _matrix_shape(shape, transposed):
+    """(rows, cols) of the matrix that the update sees for a tensor of `shape` (a 1x1 conv (r, c, 1, 1) is r x c)."""
+    rows, cols = shape[0], math.prod(shape[1:])
+    return (cols, rows) if transposed else (rows, cols)
+
+
+def _as_matrix(t, transposed):
+    """t (shaped like a Linear weight or a 1x1 conv) as the matrix the update sees: a view, so stepping it steps t."""
+    t = t[:, :, 0, 0] if t.dim() == 4 else t
+    return t.mT if transposed else t
 
 
 def _shard_groups(p):
@@ -271,6 +294,13 @@ def _stack_join(entries):
     return stacked, stacked.unbind(0)
 
 
+def _matrix_join(entries):
+    """_stack_join for fp32 first moments m, each as the matrix it belongs to (a 1x1 conv's (r, c, 1, 1) m as r x c,
+    so that it stacks with a transposed Linear's (r, c) m); the views given back have the entries' shapes."""
+    joined, views = _stack_join([m.view(m.shape[0], -1) for m in entries])
+    return joined, [view.view(m.shape) for view, m in zip(views, entries)]
+
+
 def _concat_join(entries):
     """Tensors of any shapes -> one flat vector: a view of a single one, else a concatenated copy."""
     if len(entries) == 1:
@@ -296,23 +326,21 @@ def _work_space(n):
 
 def factored_update(grads, weights, st, lr, beta1, beta2, beta3, eps1, eps2, clip, rows, n, shards=(), work=None):
     """One step of k same-shape matrices (the equations at the top), in place: the readable definition, and what
-    CAME8bit(compile=True) hands to torch.compile. grads: the k gradients (r, ...), only read; weights: the k fp32
-    tensors of that shape, stepped by lr (weight decay is already applied); st: the stacked state, statistics
-    (k, r) and (k, c) and m either as "exp_avg" (k, r, ...) or in 8 bits ("exp_avg_codes" (k, n_blocks,
-    block_size), "exp_avg_min", "exp_avg_scale"), all updated. A 1x1 conv (r, c, 1, 1) is the matrix (r, c). rows,
+    CAME8bit(compile=True) hands to torch.compile. grads: the k gradients as (r, c) matrices, only read; weights:
+    the k fp32 (r, c) matrices to step by lr (views of the parameters, see _as_matrix; weight decay is already
+    applied); st: the stacked state, statistics (k, r) and (k, c) and m either as "exp_avg" (k, r, c) or in 8 bits
+    ("exp_avg_codes" (k, n_blocks, block_size), "exp_avg_min", "exp_avg_scale"), all updated. rows,
     n: one matrix's global row count and size (under FSDP2 r is this rank's share; shards: the process groups that
     split the rows). work(i, shape): fp32 tensors to compute in (see _work_space); None: fresh ones. Each line is
     one operation over all k matrices, and every number is still each matrix's own (sums run over dims 1 and 2,
     never over k): on a CPU a small matrix costs more in per-operation overhead than in arithmetic."""
-    k, shape = len(grads), grads[0].shape
-    r, c = shape[0], math.prod(shape[1:])
+    k, (r, c) = len(grads), grads[0].shape
     device = grads[0].device
     buffer = work or (lambda i, shape, device: torch.empty(shape, device=device))
     row, col, res_row, res_col = (st[f"exp_avg_{a}_{b}"] for a in ("sq", "res") for b in ("row", "col"))
     # g (k, r, c): a single gradient as it is, else the k stacked into buffer 0 (which then holds U, then
     # (U - m)^2, then the step); g^2 and then m in buffer 1
-    g = grads[0].reshape(1, r, c).float() if k == 1 else torch.stack(grads, out=buffer(0, (k, *shape), device))
-    g = g.view(k, r, c)
+    g = grads[0].reshape(1, r, c).float() if k == 1 else torch.stack(grads, out=buffer(0, (k, r, c), device))
     sq = torch.mul(g, g, out=buffer(1, (k, r, c), device))  # (k, r, c) g^2
     row.lerp_(sq.mean(dim=2).add_(eps1), 1 - beta2)  # (k, r) columns are never split
     col.lerp_(_mean_over_rows(sq, 1, rows, shards).add_(eps1), 1 - beta2)  # (k, c)
@@ -338,8 +366,8 @@ def factored_update(grads, weights, st, lr, beta1, beta2, beta3, eps1, eps2, cli
     res_col.lerp_(_mean_over_rows(res, 1, rows, shards).add_(eps2), 1 - beta3)  # (k, c)
     res_row_factor = res_row.div(_mean_over_rows(res_row, 1, rows, shards, keepdim=True)).rsqrt_()  # (k, r)
     # p -= lr m / sqrt(R_r R_c^T / mean(R_r)): the row factor here, the column factor inside addcmul_
-    step = torch.mul(exp_avg, res_row_factor.unsqueeze(2), out=res).view(k, *shape).unbind(0)
-    res_col_factor = res_col.rsqrt().view(k, c, *shape[2:]).unbind(0)  # k (c, 1, 1) for a 1x1 conv
+    step = torch.mul(exp_avg, res_row_factor.unsqueeze(2), out=res).unbind(0)  # k (r, c)
+    res_col_factor = res_col.rsqrt().unbind(0)  # k (c,)
     torch._foreach_addcmul_(weights, step, res_col_factor, value=-lr)
     if quantized:  # m back in 8 bits, each matrix its own blocks; this step used the fp32 m (official order)
         quantize_blockwise(exp_avg, codes.shape[-1], leading=1, overwrite=True, out=(codes, mins, scales))
@@ -359,7 +387,7 @@ class CAME8bit(torch.optim.Optimizer):
     few kernels, for unsharded parameters (FSDP2 shards stay eager: the column sums are all-reduced mid-update).
     It falls back to the eager update, with a warning, where compiling fails (no C++ compiler for inductor on a
     CPU, no triton on a GPU). Off by default: on a 2-core CPU the laptop model's first step compiled for 478 s
-    (empty inductor cache) and later steps took 14x AdamW's time against eager's 1.23x in the same run
+    (empty inductor cache) and later steps took 14x AdamW's time against eager's ~1.2x in the same run
     (`python bench/came8bit_bench.py --threads=2 --compile=True`). On a GPU it is unmeasured: the same command
     with --device=cuda times both."""
 
@@ -392,12 +420,13 @@ class CAME8bit(torch.optim.Optimizer):
         self.__dict__.setdefault("compile", False)
         self._plans = {}
 
-    def _init_state(self, p, group):
+    def _init_state(self, p, group, transposed=False):
+        """Zero state for p; for a matrix stepped as its transpose (see _orient), the state of the transpose."""
         local = _local(p)
         fp32 = dict(dtype=torch.float32, device=local.device)
         state = self.state[p]
         if is_matrix(p):  # factored second moment and instability: rows split across FSDP2 ranks, columns not
-            rows, cols = local.shape[0], math.prod(p.shape[1:])
+            rows, cols = _matrix_shape(local.shape, transposed)
             state["exp_avg_sq_row"] = torch.zeros(rows, **fp32)
             state["exp_avg_sq_col"] = torch.zeros(cols, **fp32)
             state["exp_avg_res_row"] = torch.zeros(rows, **fp32)
@@ -408,7 +437,26 @@ class CAME8bit(torch.optim.Optimizer):
             codes, mins, scales = quantize_blockwise(torch.zeros(local.shape, **fp32), group["block_size"])
             state.update(exp_avg_codes=codes, exp_avg_min=mins, exp_avg_scale=scales)
         else:
-            state["exp_avg"] = torch.zeros(local.shape, **fp32)
+            state["exp_avg"] = torch.zeros(_matrix_shape(local.shape, True) if transposed else local.shape, **fp32)
+
+    def _orient(self, group, matrices):
+        """Whether each matrix is stepped as its transpose ({id: bool}), starting the state of those without one.
+        CAME's update is transpose-invariant: mean(r) and mean(c) are both the mean of g^2, so V = r c^T / mean(r)
+        transposes with G, and so does S. A matrix may therefore join the stack of the transposed shape, one stack
+        (and its per-operation overhead) fewer: on the laptop model the (128, 256) and (128, 384) Linears join the
+        (256, 128) and (384, 128) ones. A matrix starts transposed when more matrices have the transposed shape
+        than its own, and stays so: its state is the transpose's (row statistics per column of p, 8-bit blocks
+        tiling the transpose), which is how a restored state is read back. FSDP2 shards are never transposed
+        (their rows are split)."""
+        def stepped(p):  # (rows, cols) as p is stepped: its own shape, or its state's orientation if it has one
+            return _matrix_shape(p.shape, bool(self.state[p]) and _stepped_transposed(p, self.state[p]))
+        votes = collections.Counter(stepped(p) for p in matrices if not isinstance(p, DTensor))
+        for p in matrices:
+            if not self.state[p]:
+                rows, cols = stepped(p)
+                commoner = votes[cols, rows] > votes[rows, cols]  # the transposed shape
+                self._init_state(p, group, transposed=commoner and not isinstance(p, DTensor))
+        return {id(p): _stepped_transposed(p, self.state[p]) for p in matrices}
 
     def _plan(self, index, group, params):
         """Which tensors step() updates together: matrices of one shape and 8-bit setting, stacked (up to
@@ -419,6 +467,7 @@ class CAME8bit(torch.optim.Optimizer):
         if index in self._plans and self._plans[index][0] == made_for:
             return self._plans[index][1]
         full, factored = {}, {}
+        transposed = self._orient(group, [p for p in params if is_matrix(p)])
         for p in params:
             state = self.state[p]
             if not state:
@@ -427,20 +476,29 @@ class CAME8bit(torch.optim.Optimizer):
             if not is_matrix(p):
                 full.setdefault(shards, []).append(p)
                 continue
-            stacks = factored.setdefault((shards, p.shape, _local(p).shape, "exp_avg" in state), [[]])
+            flip = transposed[id(p)]  # (shape of the matrix the update sees, of this rank's share, 8 bits or not)
+            kind = (_matrix_shape(p.shape, flip), _matrix_shape(_local(p).shape, flip), "exp_avg" in state)
+            stacks = factored.setdefault((shards, *kind), [[]])
             limit = MAX_STACK["cpu" if p.device.type == "cpu" else "gpu"]
             if (len(stacks[-1]) + 1) * p.numel() > limit and stacks[-1]:
                 stacks.append([])
             stacks[-1].append(p)
 
         def entry(ps, shards):
-            return dict(params=ps, shards=list(shards), cache={},
-                        plain=not any(isinstance(p, DTensor) for p in ps))
+            return dict(params=ps, shards=list(shards), cache={}, plain=not any(isinstance(p, DTensor) for p in ps),
+                        transposed=[transposed.get(id(p), False) for p in ps])
         stacks = [entry(ps, shards) for (shards, *_), kind in factored.items() for ps in kind]
+        for stack in stacks:  # one matrix's global row count, as the update sees it
+            stack["rows"] = _matrix_shape(stack["params"][0].shape, stack["transposed"][0])[0]
         block = group["block_size"]
         work = max([len(s["params"]) * -(-_local(s["params"][0]).numel() // block) * block for s in stacks],
                    default=0)  # values in each of a step's two work buffers: the largest stack's (padded) size
-        plan = dict(factored=stacks, full=[entry(ps, shards) for shards, ps in full.items()], work=work)
+        def size(p):  # (values here, values in the whole tensor)
+            return _local(p).numel(), p.numel()
+        fulls = [entry(sorted(ps, key=size), shards) for shards, ps in full.items()]
+        for vector in fulls:  # sorted by size: each run of one size is clipped at once (_update_full)
+            vector["runs"] = [(len(list(run)), *key) for key, run in itertools.groupby(vector["params"], size)]
+        plan = dict(factored=stacks, full=fulls, work=work)
         self._plans[index] = made_for, plan
         return plan
 
@@ -463,14 +521,14 @@ class CAME8bit(torch.optim.Optimizer):
                 self._update_full(full, group)
         return loss
 
-    def _states(self, params, group):
+    def _states(self, params, group, transposed):
         """The parameters' state dicts, looked up every step (the state may have been cleared or replaced since the
-        plan was made; _joined then joins the new entries) and started where empty."""
+        plan was made; _joined then joins the new entries) and started where empty, in the plan's orientation."""
         states = [self.state[p] for p in params]
         if not all(states):
-            for p, state in zip(params, states):
+            for p, state, flip in zip(params, states, transposed):
                 if not state:
-                    self._init_state(p, group)
+                    self._init_state(p, group, flip)
         return states
 
     @staticmethod
@@ -490,7 +548,8 @@ class CAME8bit(torch.optim.Optimizer):
         lr, wd, clip = group["lr"], group["weight_decay"], group["clip_threshold"]
         beta1, beta2, _ = group["betas"]
         eps1 = group["eps"][0]
-        params, states, shards = entry["params"], self._states(entry["params"], group), entry["shards"]
+        params, states = entry["params"], self._states(entry["params"], group, entry["transposed"])
+        shards = entry["shards"]
         exp_avg_sq = _joined(states, "exp_avg_sq", entry["cache"], _concat_join)  # (N,) v of every tensor
         exp_avg = _joined(states, "exp_avg", entry["cache"], _concat_join)  # (N,) m
         grads, weights = self._grads_and_weights(entry)
@@ -500,12 +559,15 @@ class CAME8bit(torch.optim.Optimizer):
             torch._foreach_mul_(weights, 1 - lr * wd)
         exp_avg_sq.lerp_(grad.square().add_(eps1), 1 - beta2)  # v
         update = grad.div_(exp_avg_sq.sqrt())  # (N,) U
-        sizes = [g.numel() for g in grads]
-        lengths = torch.tensor(sizes, device=grad.device)
-        sum_sq = _sum_shards(torch.segment_reduce(update.square(), "sum", lengths=lengths), shards)  # (T,) each
-        numel = lengths if not shards else torch.tensor([p.numel() for p in params], device=grad.device)  # global
-        clipping = sum_sq.div_(numel * clip**2).sqrt_().clamp_min_(1.0)  # (T,) max(1, RMS(U) / clip) each
-        exp_avg.lerp_(update.div_(clipping.repeat_interleave(lengths, output_size=len(update))), 1 - beta1)  # m
+        start = 0
+        for k, n, numel in entry["runs"]:  # k tensors of n values each (numel: global), one after another
+            u = update[start: start + k * n].view(k, n)  # as one (k, n) matrix: the k norms in one operation
+            start += k * n
+            norm = torch.linalg.vector_norm(u, dim=1, keepdim=True)  # (k, 1)
+            if shards:
+                norm = _sum_shards(norm.square_(), shards).sqrt_()
+            u.div_(norm.div_(math.sqrt(numel) * clip).clamp_min_(1.0))  # U / max(1, RMS(U) / clip), each its own
+        exp_avg.lerp_(update, 1 - beta1)  # m
         torch._foreach_add_(weights, entry["cache"]["exp_avg"][1], alpha=-lr)
         if weights is not params:
             for p, weight in zip(params, weights):
@@ -513,12 +575,14 @@ class CAME8bit(torch.optim.Optimizer):
                     _local(p).copy_(weight)
 
     def _update_factored(self, entry, group, work):
-        """Linear weights and 1x1 convs of one shape, stacked into (k, r, c) tensors (factored_update). The state
-        stays stacked: each matrix's entries are views into one (k, ...) tensor per key (see _joined), which the
-        update changes in place."""
-        params, states, shards = entry["params"], self._states(entry["params"], group), entry["shards"]
-        st = {key: _joined(states, key, entry["cache"], _stack_join) for key in states[0]}  # key: (k, ...)
-        rows, n = params[0].shape[0], params[0].numel()  # global: means and the RMS span every shard
+        """Linear weights and 1x1 convs of one shape (or of the transposed shape, see _orient), stacked into
+        (k, r, c) tensors (factored_update). The state stays stacked: each matrix's entries are views into one
+        (k, ...) tensor per key (see _joined), which the update changes in place."""
+        flips, shards = entry["transposed"], entry["shards"]
+        params, states = entry["params"], self._states(entry["params"], group, flips)
+        st = {key: _joined(states, key, entry["cache"], _matrix_join if key == "exp_avg" else _stack_join)
+              for key in states[0]}  # key: (k, ...)
+        rows, n = entry["rows"], params[0].numel()  # global: means and the RMS span every shard
         grads, weights = self._grads_and_weights(entry)  # fp32 island: all optimizer statistics are fp32 (Sec. 2.3)
         lr, wd = group["lr"], group["weight_decay"]
         if wd:
@@ -526,7 +590,9 @@ class CAME8bit(torch.optim.Optimizer):
         beta1, beta2, beta3 = group["betas"]
         # optional: R / (1 - b3^t) is the same as lr * sqrt(1 - b3^t) (the row factor is scale-free)
         lr_r = lr * math.sqrt(1 - beta3 ** group["step"]) if group["bias_correction"] else lr
-        args = (grads, weights, st, lr_r, beta1, beta2, beta3, *group["eps"], group["clip_threshold"], rows, n)
+        grad_matrices, weight_matrices = ([_as_matrix(t, f) for t, f in zip(ts, flips)] for ts in (grads, weights))
+        args = (grad_matrices, weight_matrices, st, lr_r, beta1, beta2, beta3, *group["eps"], group["clip_threshold"],
+                rows, n)
         if self.compile and not shards:
             try:
                 _compiled_update()(*args)  # its own work space, inside the fused kernels

@@ -289,6 +289,71 @@ def test_same_shape_matrices_stacked_equal_one_by_one(monkeypatch):
         assert torch.equal(p, p2)
 
 
+def test_small_tensors_updated_as_one_vector_each_clip_on_their_own():
+    """Biases, norms and 3x3 kernels are stepped as one vector, their clipping computed per run of one size: each
+    tensor must still get exactly its own update, here with the clipping active (threshold 0.5)."""
+    gen = torch.Generator().manual_seed(13)
+    shapes = [(10,), (7,), (10,), (6, 1, 3, 3), (7,), (3,)]
+    params = [nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    refs = [{} for _ in shapes]
+    opt = CAME8bit(params, lr=1e-2, clip_threshold=0.5)
+    for _ in range(4):
+        before = [p.detach().double().clone() for p in params]
+        for i, p in enumerate(params):
+            p.grad = structured_grad(p.shape, gen) * 10.0**i  # scales apart: a wrong pairing shows
+        opt.step()
+        for p, b, st in zip(params, before, refs):
+            torch.testing.assert_close(p.detach().double(), reference_step(b, p.grad, st, lr=1e-2, clip=0.5),
+                                       rtol=0, atol=3e-7)
+
+
+def test_a_matrix_joins_the_stack_of_its_transpose_with_its_own_exact_update():
+    """A wide matrix steps as its transpose when the transposed shape is the commoner one (one stack fewer): CAME
+    is transpose-invariant, so each parameter must still match its own float64 reference, and its state is the
+    transpose's."""
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(24, 16), (24, 16), (24, 16, 1, 1), (16, 24), (16, 24, 1, 1)]  # the last two: transposed
+    params = [nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    refs = [{} for _ in shapes]
+    opt = CAME8bit(params, lr=1e-2, weight_decay=0.1, quantize=False)
+    for _ in range(5):
+        before = [p.detach().double().clone() for p in params]
+        for p in params:
+            p.grad = structured_grad(p.shape, gen)
+        opt.step()
+        for p, b, st in zip(params, before, refs):
+            expected = reference_step(b, p.grad, st, lr=1e-2, wd=0.1)
+            torch.testing.assert_close(p.detach().double(), expected, rtol=0, atol=3e-7)
+    assert len(opt._plans[0][1]["factored"]) == 1  # one (5, 24, 16) stack
+    for p, st in zip(params[3:], refs[3:]):  # the transpose's statistics and m
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq_row"].double(), st["c"], rtol=1e-5, atol=0)
+        torch.testing.assert_close(opt.state[p]["exp_avg"].double().reshape(24, 16), st["m"].T, rtol=1e-4, atol=1e-7)
+
+
+def test_a_transposed_state_is_read_back_transposed():
+    """The 8-bit blocks of a transposed matrix tile the transpose: a restored state must be stepped in that
+    orientation even where the new plan alone would not transpose it (here only the wide matrix has a gradient)."""
+    gen = torch.Generator().manual_seed(12)
+    shapes = [(64, 40), (64, 40), (40, 64)]
+    grads = [[structured_grad(s, gen) for s in shapes] for _ in range(3)]
+    kw = dict(lr=1e-2, block_size=64, min_8bit_size=0)
+    params = [nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    opt = CAME8bit(params, **kw)
+    for gs in grads[:2]:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+    assert opt.state[params[2]]["exp_avg_sq_row"].shape == (64,)  # stepped as (64, 40)
+    params2 = [nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = CAME8bit(params2, **kw)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for ps, o in ((params, opt), (params2, opt2)):
+        for i, p in enumerate(ps):
+            p.grad = grads[2][i].clone() if i == 2 else None
+        o.step()
+    assert torch.equal(params[2], params2[2])
+
+
 def test_missing_gradients_and_a_reload_into_the_same_optimizer_leave_every_update_its_own():
     """step() reuses its grouping and the stacked state from step to step. A parameter without a gradient sits a
     step out, and a state loaded into the same optimizer replaces the old one: each matrix and vector must still
