@@ -34,8 +34,8 @@ from tqdm import tqdm
 import savila
 import shapes
 from flow import SAMPLERS, integrate, make_noise, timestep
-from model import (ArgumentParser, DCAEDecoder, LinearDiT, check_flags, load_text_encoder, resolve, usage_error,
-                   use_bf16, writable_or_exit)
+from model import (ArgumentParser, DCAEDecoder, LinearDiT, check_flags, keep_freed_memory, load_text_encoder, resolve,
+                   usage_error, use_bf16, writable_or_exit)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CKPT = os.path.join(ROOT, "weights", "shapes.safetensors")  # the shipped laptop model
@@ -512,6 +512,8 @@ def main(argv=None):
     args = parse_args(argv)
     writable_or_exit(args.out, "--out")  # before the model loads and the images are sampled
     device = torch.device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # large latents: no fresh pages for every big activation (model.keep_freed_memory)
     dtype = torch.bfloat16 if use_bf16(device) else torch.float32
     prompts = [p.text for p in shapes.load_eval_prompts()] if args.eval else read_prompts(args)
     prompts = screen_prompts(prompts, args, device)

@@ -7,9 +7,13 @@ the same function: the relative difference of their outputs is printed first. Th
 models in turn, ours then diffusers', round after round (other jobs share the CPU: a load change hits both),
 and the medians are printed per size with their ratio, and per step to the next size (4x the tokens for a
 doubled side) each model's own time ratio. Without diffusers installed it says so in one line and stops.
+Both models run with the memory allocator as sample.py sets it on a CPU (--malloc=keep: model.keep_freed_memory,
+freed memory is reused, not handed back to the OS) or with glibc's defaults (--malloc=glibc, every tensor over
+32 MB fresh pages from the OS).
 
     python bench/diffusers_bench.py                      # 4 blocks x 512, batch 2, 32x32 and 64x64 latents
     python bench/diffusers_bench.py --depth=1 --width=64 --sizes=4,8 --repeats=1 --threads=1   # seconds
+    python bench/diffusers_bench.py --threads=1 --repeats=7 --malloc=glibc
 """
 
 import statistics
@@ -21,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: model.py
-from model import LinearDiT  # noqa: E402
+from model import LinearDiT, keep_freed_memory  # noqa: E402
 
 # defaults, overridden by --key=value
 depth = 4
@@ -32,11 +36,12 @@ repeats = 5  # timing rounds; each round times every size with both models
 threads = 0  # torch threads; 0 keeps torch's default
 qk_norm = True  # SANA-1.5's RMSNorm on q and k (False: SANA-1.0)
 text_tokens = 300  # caption length, of which the first 20 are real tokens (the rest masked)
+malloc = "keep"  # keep: freed memory reused (as sample.py on a CPU); glibc: glibc's defaults
 
 
 def parse_args(argv):
     known = {"depth": int, "width": int, "batch": int, "sizes": str, "repeats": int, "threads": int,
-             "qk_norm": str, "text_tokens": int}
+             "qk_norm": str, "text_tokens": int, "malloc": str}
     for arg in argv:
         if arg in ("-h", "--help"):
             print(__doc__)
@@ -52,6 +57,8 @@ def parse_args(argv):
     if str(qk_norm).lower() not in ("true", "false"):
         fail(f"bad --qk_norm={qk_norm!r}: use True or False")
     globals()["qk_norm"] = str(qk_norm).lower() == "true"
+    if malloc not in ("keep", "glibc"):
+        fail(f"bad --malloc={malloc!r}: use keep or glibc")
     if not all(s.strip().isdigit() and int(s) > 0 for s in sizes.split(",")):
         fail(f"bad --sizes={sizes!r}: comma-separated latent sides, e.g. 32,64")
     if width % 64 or min(depth, batch, repeats, text_tokens) < 1:
@@ -92,6 +99,7 @@ def main():
         return
     if threads:
         torch.set_num_threads(threads)
+    kept = malloc == "keep" and keep_freed_memory()
     ours, theirs = make_models()
     sides = [int(s) for s in sizes.split(",")]
     g = torch.Generator().manual_seed(1)
@@ -108,6 +116,8 @@ def main():
         print(f"LinearDiT vs diffusers {diffusers.__version__} SanaTransformer2DModel: {depth} blocks x {width}, "
               f"batch {batch}, qk_norm {qk_norm}, {torch.get_num_threads()} threads; same weights, outputs differ "
               f"by {((a - b).norm() / b.norm()).item():.1e} (relative)")
+        allocator = "freed memory kept for reuse" if kept else "glibc's defaults" if malloc == "glibc" else "defaults"
+        print(f"memory allocator (--malloc={malloc}): {allocator}")
         for s in sides[1:]:
             run["ours"](xs[s]), run["diffusers"](xs[s])
         for _ in range(repeats):

@@ -79,7 +79,8 @@ def test_diffusers_bench_runs_tiny_and_rejects_bad_flags():
     rows = [line.split() for line in lines if line.strip().startswith(("4x4", "8x8")) and "->" not in line]
     assert [row[0] for row in rows] == ["4x4", "8x8"] and all(float(row[-1]) > 0 for row in rows)
     assert "4x4 -> 8x8 (4x tokens): ours" in r.stdout
-    for arg, says in (("--sizes=a", "bad --sizes"), ("--nope=1", "bad argument"), ("--qk_norm=maybe", "bad --qk_norm")):
+    for arg, says in (("--sizes=a", "bad --sizes"), ("--nope=1", "bad argument"), ("--qk_norm=maybe", "bad --qk_norm"),
+                      ("--malloc=tcmalloc", "bad --malloc")):
         r = subprocess.run([sys.executable, "bench/diffusers_bench.py", arg], cwd=ROOT, capture_output=True, text=True,
                            timeout=120)
         assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from model import PRESETS, DiTConfig, LinearDiT, relu_linear_attention, save_model, text_length
+from model import PRESETS, DiTConfig, LinearDiT, keep_freed_memory, relu_linear_attention, save_model, text_length
 
 TINY = DiTConfig(in_channels=4, patch_size=1, hidden_size=64, depth=2, linear_head_dim=32, cross_heads=2,
                  caption_channels=24, qk_norm=True)
@@ -295,3 +295,12 @@ def test_matches_diffusers_in_both_layouts(tmp_path, qk_norm):
             m.eps = 1e-5
     with torch.no_grad():
         assert rel_err(orig(x, t, y, mask), want) < 1e-5
+
+
+def test_keep_freed_memory_takes_effect_with_glibc():
+    """The allocator setting sample.py makes on a CPU (model.keep_freed_memory): glibc's mallopt accepts it."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("no glibc: keep_freed_memory is a no-op here")
+    assert keep_freed_memory() is True
