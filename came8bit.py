@@ -28,8 +28,8 @@ The state stays in that layout (each tensor's entries are views into one stack o
 copies no state; its fp32 work space lives for one step only, and between steps the optimizer holds its state
 and nothing else (`optimizer_held_bytes`). `factored_update` is the per-stack math, eager by default;
 CAME8bit(compile=True) runs it through torch.compile instead. `python bench/came8bit_bench.py --threads=2` times
-the laptop model's step against torch.optim.AdamW side by side (1.12-1.19x in three runs on a 2-core CPU; CAME-32
-0.92-0.96x) and counts the bytes each optimizer holds.
+the laptop model's step against torch.optim.AdamW side by side (1.15-1.20x in five runs on a 2-core CPU; CAME-32
+0.91-0.97x) and counts the bytes each optimizer holds.
 
 Deviations from the official `CAME8BitWrapper` (NVlabs/Sana diffusion/utils/optimizer.py):
 - A block is 2048 consecutive values of the flattened tensor, as Eq. 1 says; the official code splits the
@@ -326,21 +326,23 @@ def _work_space(n):
 
 def factored_update(grads, weights, st, lr, beta1, beta2, beta3, eps1, eps2, clip, rows, n, shards=(), work=None):
     """One step of k same-shape matrices (the equations at the top), in place: the readable definition, and what
-    CAME8bit(compile=True) hands to torch.compile. grads: the k gradients as (r, c) matrices, only read; weights:
-    the k fp32 (r, c) matrices to step by lr (views of the parameters, see _as_matrix; weight decay is already
-    applied); st: the stacked state, statistics (k, r) and (k, c) and m either as "exp_avg" (k, r, c) or in 8 bits
-    ("exp_avg_codes" (k, n_blocks, block_size), "exp_avg_min", "exp_avg_scale"), all updated. rows,
-    n: one matrix's global row count and size (under FSDP2 r is this rank's share; shards: the process groups that
+    CAME8bit(compile=True) hands to torch.compile. grads: the k gradients (r, c) or (r, c, 1, 1) for 1x1 convs,
+    only read; weights: the k fp32 tensors of that shape, stepped by lr (weight decay is already applied; a matrix
+    stepped as its transpose comes as a transposed view, see _as_matrix); st: the stacked state, statistics (k, r)
+    and (k, c) and m either as "exp_avg" (k, r, c) or in 8 bits ("exp_avg_codes" (k, n_blocks, block_size),
+    "exp_avg_min", "exp_avg_scale"), all updated. rows, n: one matrix's global row count and size (under FSDP2 r is this rank's share; shards: the process groups that
     split the rows). work(i, shape): fp32 tensors to compute in (see _work_space); None: fresh ones. Each line is
     one operation over all k matrices, and every number is still each matrix's own (sums run over dims 1 and 2,
     never over k): on a CPU a small matrix costs more in per-operation overhead than in arithmetic."""
-    k, (r, c) = len(grads), grads[0].shape
+    k, shape = len(grads), grads[0].shape
+    r, c = shape[0], math.prod(shape[1:])
     device = grads[0].device
     buffer = work or (lambda i, shape, device: torch.empty(shape, device=device))
     row, col, res_row, res_col = (st[f"exp_avg_{a}_{b}"] for a in ("sq", "res") for b in ("row", "col"))
     # g (k, r, c): a single gradient as it is, else the k stacked into buffer 0 (which then holds U, then
     # (U - m)^2, then the step); g^2 and then m in buffer 1
-    g = grads[0].reshape(1, r, c).float() if k == 1 else torch.stack(grads, out=buffer(0, (k, r, c), device))
+    g = grads[0].reshape(1, r, c).float() if k == 1 else torch.stack(grads, out=buffer(0, (k, *shape), device))
+    g = g.view(k, r, c)
     sq = torch.mul(g, g, out=buffer(1, (k, r, c), device))  # (k, r, c) g^2
     row.lerp_(sq.mean(dim=2).add_(eps1), 1 - beta2)  # (k, r) columns are never split
     col.lerp_(_mean_over_rows(sq, 1, rows, shards).add_(eps1), 1 - beta2)  # (k, c)
@@ -366,8 +368,8 @@ def factored_update(grads, weights, st, lr, beta1, beta2, beta3, eps1, eps2, cli
     res_col.lerp_(_mean_over_rows(res, 1, rows, shards).add_(eps2), 1 - beta3)  # (k, c)
     res_row_factor = res_row.div(_mean_over_rows(res_row, 1, rows, shards, keepdim=True)).rsqrt_()  # (k, r)
     # p -= lr m / sqrt(R_r R_c^T / mean(R_r)): the row factor here, the column factor inside addcmul_
-    step = torch.mul(exp_avg, res_row_factor.unsqueeze(2), out=res).unbind(0)  # k (r, c)
-    res_col_factor = res_col.rsqrt().unbind(0)  # k (c,)
+    step = torch.mul(exp_avg, res_row_factor.unsqueeze(2), out=res).view(k, *shape).unbind(0)
+    res_col_factor = res_col.rsqrt().view(k, c, *shape[2:]).unbind(0)  # k (c,), or (c, 1, 1) for a 1x1 conv
     torch._foreach_addcmul_(weights, step, res_col_factor, value=-lr)
     if quantized:  # m back in 8 bits, each matrix its own blocks; this step used the fp32 m (official order)
         quantize_blockwise(exp_avg, codes.shape[-1], leading=1, overwrite=True, out=(codes, mins, scales))
@@ -590,8 +592,10 @@ class CAME8bit(torch.optim.Optimizer):
         beta1, beta2, beta3 = group["betas"]
         # optional: R / (1 - b3^t) is the same as lr * sqrt(1 - b3^t) (the row factor is scale-free)
         lr_r = lr * math.sqrt(1 - beta3 ** group["step"]) if group["bias_correction"] else lr
-        grad_matrices, weight_matrices = ([_as_matrix(t, f) for t, f in zip(ts, flips)] for ts in (grads, weights))
-        args = (grad_matrices, weight_matrices, st, lr_r, beta1, beta2, beta3, *group["eps"], group["clip_threshold"],
+        stepped = weights  # as the update sees them: with a transposed member, all as (r, c) matrices (views)
+        if any(flips):
+            grads, stepped = ([_as_matrix(t, f) for t, f in zip(ts, flips)] for ts in (grads, weights))
+        args = (grads, stepped, st, lr_r, beta1, beta2, beta3, *group["eps"], group["clip_threshold"],
                 rows, n)
         if self.compile and not shards:
             try:

@@ -330,6 +330,23 @@ def test_a_matrix_joins_the_stack_of_its_transpose_with_its_own_exact_update():
         torch.testing.assert_close(opt.state[p]["exp_avg"].double().reshape(24, 16), st["m"].T, rtol=1e-4, atol=1e-7)
 
 
+def test_bf16_matrices_in_a_transposed_stack_step_as_fp32_ones():
+    """bf16 parameters step through fp32 copies that are written back: also when stepped as transposed views."""
+    gen = torch.Generator().manual_seed(14)
+    shapes = [(24, 16), (24, 16), (16, 24, 1, 1)]
+    start = [torch.randn(s, generator=gen).bfloat16().float() for s in shapes]
+    grads = [structured_grad(s, gen).bfloat16().float() for s in shapes]
+    runs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        params = [nn.Parameter(t.clone().to(dtype)) for t in start]
+        for p, g in zip(params, grads):
+            p.grad = g.to(dtype)
+        CAME8bit(params, lr=1e-2, quantize=False).step()
+        runs.append(params)
+    for a, b in zip(*runs):
+        assert b.dtype == torch.bfloat16 and torch.equal(a.detach().bfloat16(), b.detach())
+
+
 def test_a_transposed_state_is_read_back_transposed():
     """The 8-bit blocks of a transposed matrix tile the transpose: a restored state must be stepped in that
     orientation even where the new plan alone would not transpose it (here only the wide matrix has a gradient)."""
