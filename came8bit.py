@@ -461,8 +461,9 @@ class CAME8bit(torch.optim.Optimizer):
         return {id(p): _stepped_transposed(p, self.state[p]) for p in matrices}
 
     def _plan(self, index, group, params):
-        """Which tensors step() updates together: matrices of one shape and 8-bit setting, stacked (up to
-        MAX_STACK values at once), and all the rest as one vector, each kind by the process groups that shard it.
+        """Which tensors step() updates together: matrices of one shape (as stepped, see _orient) and 8-bit setting,
+        stacked (up to MAX_STACK values at once), and all the rest as one vector, each kind by the process groups
+        that shard it.
         Made once for a group's parameters (those with a gradient) and the stack limits, then reused, so a step
         does not sort its parameters again; each entry also keeps its joined state (see _joined)."""
         made_for = (tuple(map(id, params)), MAX_STACK["cpu"], MAX_STACK["gpu"])
@@ -495,6 +496,7 @@ class CAME8bit(torch.optim.Optimizer):
         block = group["block_size"]
         work = max([len(s["params"]) * -(-_local(s["params"][0]).numel() // block) * block for s in stacks],
                    default=0)  # values in each of a step's two work buffers: the largest stack's (padded) size
+
         def size(p):  # (values here, values in the whole tensor)
             return _local(p).numel(), p.numel()
         fulls = [entry(sorted(ps, key=size), shards) for shards, ps in full.items()]
